@@ -1,0 +1,443 @@
+"""The training loop (``train.py`` is a thin wrapper around ``train_and_evaluate``).
+
+Data parallelism: ``jax.jit`` over a 1-D device mesh ('data'), parameters and
+optimizer state replicated, batches sharded on their leading axis. This is what
+``pmap`` did, in today's form: the same program runs on one CPU, 8 GPUs or
+several hosts (``jax.distributed``), XLA inserts the gradient all-reduce, and
+a replicated scalar key makes every device draw the same layer permutation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lsvit import checkpoint as ckpt_lib
+from lsvit import convert
+from lsvit import data as data_lib
+from lsvit import model as model_lib
+from lsvit import order as order_lib
+
+# Fields that may change when a run is resumed (everything else must match).
+RESUMABLE_FIELDS = ("num_epochs", "log_every_steps", "eval_orders", "progress", "data.num_threads")
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def model_config(config, num_classes: int) -> dict:
+  """The model fields of ``config`` (decoded 'B/16' name, variant, dtype, depth kept)."""
+  cfg = dict(config.model)
+  if cfg.get("name"):
+    cfg = {**model_lib.decode_variant(cfg.pop("name")), **cfg}
+  cfg.update(variant=config.variant, pos_table=config.get("pos_table", "shared"),
+             dtype=config.get("compute_dtype", "float32"))
+  if config.get("keep_layers"):
+    cfg["depth"] = int(config.keep_layers)
+  if not cfg.get("num_classes"):
+    cfg["num_classes"] = num_classes
+  return cfg
+
+
+def make_optimizer(config, total_steps: int):
+  o = config.optimizer
+  if o.schedule == "linear":  # HF Trainer default: linear decay to zero, optional warm-up
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
+         optax.linear_schedule(o.lr, 0.0, max(total_steps - o.warmup_steps, 1))],
+        [o.warmup_steps]) if o.warmup_steps else optax.linear_schedule(o.lr, 0.0, total_steps)
+  elif o.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), total_steps)
+  elif o.schedule == "constant":
+    lr = o.lr
+  else:
+    raise ValueError(f"unknown schedule {o.schedule!r}: linear, cosine or constant")
+  parts = []
+  if o.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+  return optax.chain(*parts), lr
+
+
+def initial_params(config, model, log=print):
+  init = model_lib.init_params(model, config.seed)
+  src = config.get("init_from") or ""
+  if not src:
+    if config.get("keep_layers"):
+      raise ValueError("keep_layers needs a pretrained model to keep layers of: set init_from")
+    return init
+  if src.split(":", 1)[0] in ("hf", "timm", "npz"):
+    params, _ = convert.load(src)
+  else:
+    params, _ = ckpt_lib.load_params(src)
+  log(f"initialising from {src}")
+  return convert.adapt(params, init, model, config.get("keep_layers") or None,
+                       config.get("keep_method", "first"))
+
+
+def _flatten_cfg(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten_cfg(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _check_resumable(saved: dict, current: dict, workdir: str):
+  a, b = _flatten_cfg(saved), _flatten_cfg(current)
+  diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS]
+  if diff:
+    raise ckpt_lib.CheckpointError(
+        f"{workdir} holds a run with a different config; refusing to mix them:\n  " +
+        "\n  ".join(diff) + "\nUse a new --workdir (or the original config to resume).")
+
+
+# ----------------------------------------------------------------------------- steps
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def position_loss(pos_logits, reduction: str):
+  """CE of each executed layer's position prediction; pos_logits [n, B, L]."""
+  n = pos_logits.shape[0]
+  target = jnp.broadcast_to(jnp.arange(n)[:, None], pos_logits.shape[:2])
+  per_layer = cross_entropy(pos_logits, target).mean(axis=1)
+  if reduction == "sum":  # the paper's formula
+    return per_layer.sum(), per_layer
+  if reduction == "mean":  # the authors' code
+    return per_layer.mean(), per_layer
+  raise ValueError(f"unknown predict_loss_reduction {reduction!r}: mean or sum")
+
+
+def make_train_step(model, tx, config):
+  depth = model.depth
+
+  def train_step(state, batch, key):
+    step_key = jax.random.fold_in(key, state["step"])
+    order_key, dropout_key = jax.random.split(step_key)
+    order, active = order_lib.training_order(config.variant, order_key, depth,
+                                             config.get("layerdrop", 0.0))
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, batch["image"], order, train=True, active=active,
+                        rngs={"dropout": dropout_key})
+      ce = cross_entropy(out["logits"], batch["label"]).mean()
+      metrics = {"ce": ce, "accuracy": (out["logits"].argmax(-1) == batch["label"]).mean()}
+      loss = ce
+      if "pos_logits" in out:
+        pos, _ = position_loss(out["pos_logits"], config.predict_loss_reduction)
+        loss = loss + config.predict_loss_weight * pos
+        metrics["position_ce"] = pos
+        metrics["position_accuracy"] = (out["pos_logits"].argmax(-1) ==
+                                        jnp.arange(order.shape[0])[:, None]).mean()
+      metrics["loss"] = loss
+      return loss, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics["nonfinite"] = (~jnp.isfinite(metrics["loss"])).astype(jnp.int32)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return train_step
+
+
+def make_eval_step(model):
+  """Sums (not means) so padded batches and several hosts add up exactly."""
+
+  def eval_step(params, batch, order):
+    out = model.apply({"params": params}, batch["image"], order)
+    logits, labels, mask = out["logits"], batch["label"], batch["mask"]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    sums = {
+        "ce": (cross_entropy(logits, labels) * mask).sum(),
+        "top1": ((logits.argmax(-1) == labels) & mask).sum(),
+        "top5": ((top5 == labels[:, None]).any(-1) & mask).sum(),
+        "count": mask.sum(),
+    }
+    if "pos_logits" in out:
+      hit = out["pos_logits"].argmax(-1) == jnp.arange(order.shape[0])[:, None]
+      sums["position_hits"] = (hit & mask[None]).sum()
+    return sums
+
+  return eval_step
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run needs; also used by tests and evaluation."""
+  config: Any
+  model: model_lib.ViT
+  mesh: Mesh
+  train_loader: data_lib.Loader
+  eval_loader: data_lib.Loader
+  tx: Any
+  train_step: Any
+  eval_step: Any
+  steps_per_epoch: int
+  total_steps: int
+
+  @property
+  def replicated(self):
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self):
+    return NamedSharding(self.mesh, P("data"))
+
+  def to_global(self, batch: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()}
+
+
+def make_mesh():
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def build_run(config, mesh: Optional[Mesh] = None) -> Run:
+  mesh = mesh or make_mesh()
+  n_dev = mesh.devices.size
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % n_dev:
+      raise ValueError(f"{name}={config[name]} is not divisible by the {n_dev} devices; "
+                       f"use a multiple of {n_dev}")
+  d = config.data
+  train_src = data_lib.get_source(d, d.train_split)
+  eval_src = data_lib.get_source(d, d.eval_split)
+  mcfg = model_config(config, train_src.num_classes)
+  model = model_lib.build(mcfg)
+  channels, size = model.channels, model.image_size
+  pp = lambda augment: data_lib.Preprocess(d.preprocess, size, channels, augment,
+                                           tuple(d.get("crop_scale", (0.08, 1.0))), d.get("flip", True))
+  common = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                num_threads=d.get("num_threads", 8))
+  train_loader = data_lib.Loader(train_src, pp(d.get("augment", False)), config.batch_size,
+                                 train=True, seed=config.seed, **common)
+  eval_loader = data_lib.Loader(eval_src, pp(False), config.eval_batch_size, train=False, **common)
+  steps_per_epoch = train_loader.steps_per_epoch
+  total = steps_per_epoch * config.num_epochs
+  tx, _ = make_optimizer(config, total)
+  return Run(config, model, mesh, train_loader, eval_loader, tx,
+             make_train_step(model, tx, config), make_eval_step(model), steps_per_epoch, total)
+
+
+def jit_steps(run: Run):
+  rep, data = run.replicated, run.batch_sharding
+  train = jax.jit(run.train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+                  donate_argnums=(0,))
+  evaluate = jax.jit(run.eval_step, in_shardings=(rep, data, rep), out_shardings=rep)
+  return train, evaluate
+
+
+def evaluate(run: Run, params, orders, eval_fn=None, desc=None) -> dict:
+  """Top-1/top-5/CE over the eval split. ``orders`` [k, n]: batch b of pass p runs order
+  ``orders[(p * steps + b) % k]``; there are ceil(k / steps) passes, so k random orders
+  give every batch a fresh order (a single row = one order for every batch)."""
+  eval_fn = eval_fn or jit_steps(run)[1]
+  orders = np.atleast_2d(np.asarray(orders, np.int32))
+  steps = run.eval_loader.steps_per_epoch
+  passes = -(-len(orders) // steps)
+  bar = None
+  if desc and jax.process_index() == 0:
+    from tqdm import tqdm
+    bar = tqdm(total=passes * steps, desc=desc, leave=False, unit="batch")
+  total = None
+  for p in range(passes):
+    for b, batch in enumerate(run.eval_loader.iterate(0)):
+      order = jax.device_put(orders[(p * steps + b) % len(orders)], run.replicated)
+      sums = eval_fn(params, run.to_global(batch), order)
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+      if bar:
+        bar.update(1)
+  if bar:
+    bar.close()
+  total = {k: float(v) for k, v in jax.device_get(total).items()}
+  n = max(total.pop("count"), 1)
+  out = {"loss": total["ce"] / n, "top1": total["top1"] / n, "top5": total["top5"] / n,
+         "examples": int(n / passes), "orders": int(min(len(orders), passes * steps))}
+  if "position_hits" in total:
+    out["position_accuracy"] = total["position_hits"] / (n * orders.shape[1])
+  return out
+
+
+class _Writer:
+  def __init__(self, workdir, enabled):
+    self.enabled = enabled
+    self.jsonl = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(workdir)
+      except ImportError:
+        pass
+
+  def write(self, step, metrics: dict):
+    if not self.enabled:
+      return
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+    if self.tb:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+          self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+
+  def close(self):
+    if self.tb:
+      self.tb.close()
+
+
+def _fmt(m):
+  return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
+  """Trains (resuming if ``workdir`` has a checkpoint), returns the final summary."""
+  main = jax.process_index() == 0
+  log = log if main else (lambda *a, **k: None)
+  os.makedirs(workdir, exist_ok=True)
+  run = build_run(config)
+  model = run.model
+  mcfg = model_config(config, run.train_loader.source.num_classes)
+  cfg_dict = config.to_dict()
+
+  ckpts = ckpt_lib.RunCheckpoints(workdir, config.get("keep_checkpoints", 2))
+  abstract = None
+  state = None
+  start_step = 0
+  cfg_path = os.path.join(workdir, "config.json")
+  if ckpts.latest_step() is not None:
+    if os.path.exists(cfg_path):
+      _check_resumable(json.load(open(cfg_path)), json.loads(json.dumps(cfg_dict, default=str)),
+                       workdir)
+    ckpt_lib.check_same_model(ckpt_lib.load_model_cfg(workdir), mcfg, workdir)
+  elif main:
+    ckpt_lib._write_json(cfg_path, cfg_dict)
+    ckpt_lib._write_json(os.path.join(workdir, "model.json"), {"model": mcfg})
+
+  train_fn, eval_fn = jit_steps(run)
+  rep = run.replicated
+
+  def fresh_state():
+    params = initial_params(config, model, log)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": run.tx.init(params)}
+
+  if ckpts.latest_step() is not None:
+    abstract = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32),
+                                       "params": model_lib.param_shapes(model),
+                                       "opt_state": run.tx.init(model_lib.param_shapes(model))})
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
+    state, meta = ckpts.restore_latest(abstract)
+    start_step = int(state["step"])
+    log(f"resuming from {workdir}/checkpoints/{start_step} (epoch {meta.get('epoch')})")
+  else:
+    state = jax.device_put(fresh_state(), rep)
+
+  key = jax.device_put(jax.random.key(config.seed), rep)
+  writer = _Writer(workdir, main)
+  best = ckpts.best_meta()
+  best_loss = best["val"]["loss"] if best else math.inf
+  spe = run.steps_per_epoch
+  log_every = max(1, config.get("log_every_steps", 50))
+  show_bar = main and config.get("progress", True)
+
+  try:
+    for epoch in range(start_step // spe, config.num_epochs):
+      first = max(start_step, epoch * spe)
+      steps = range(first, (epoch + 1) * spe)
+      bar = None
+      if show_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=spe, initial=first - epoch * spe, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                   unit="step", dynamic_ncols=True)
+      acc_metrics, t0, seen = None, time.time(), 0
+      for step, batch in zip(steps, run.train_loader.iterate(first, len(steps))):
+        state, m = train_fn(state, run.to_global(batch), key)
+        acc_metrics = m if acc_metrics is None else jax.tree.map(jnp.add, acc_metrics, m)
+        seen += 1
+        if seen % log_every == 0 or step == steps[-1]:
+          host = jax.device_get(acc_metrics)
+          if host["nonfinite"]:
+            raise TrainingDiverged(
+                f"the loss became NaN/inf in the {seen} steps up to step {step + 1} (epoch {epoch + 1}). "
+                f"Training stopped; the last good checkpoint (step {ckpts.latest_step()}) is kept in "
+                f"{workdir}/checkpoints. Lower optimizer.lr, enable optimizer.grad_clip_norm, "
+                f"or use compute_dtype=float32.")
+          if bar:
+            rate = seen * config.batch_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{host['loss'] / seen:.4f}", acc=f"{host['accuracy'] / seen:.3f}",
+                            img_s=f"{rate:.0f}")
+        if bar:
+          bar.update(1)
+        if config.get("checkpoint_every_steps") and (step + 1) % config.checkpoint_every_steps == 0 \
+            and (step + 1) % spe:
+          ckpts.save_latest(step + 1, state, {"epoch": epoch, "step": step + 1})
+      if bar:
+        bar.close()
+      train_m = {k: float(v) / max(seen, 1) for k, v in jax.device_get(acc_metrics).items()
+                 if k != "nonfinite"}
+      elapsed = time.time() - t0
+      val = evaluate(run, state["params"], np.arange(model.depth)[None], eval_fn)
+      record = {"epoch": epoch + 1, "train": train_m, "val": val,
+                "images_per_s": seen * config.batch_size / max(elapsed, 1e-9)}
+      end_step = (epoch + 1) * spe
+      writer.write(end_step, {**{f"train/{k}": v for k, v in train_m.items()},
+                              **{f"val/{k}": v for k, v in val.items()},
+                              "epoch": epoch + 1, "images_per_s": record["images_per_s"]})
+      log(f"epoch {epoch + 1}: train {_fmt(train_m)} | val {_fmt(val)}")
+      if not math.isfinite(val["loss"]):
+        raise TrainingDiverged(f"validation loss is {val['loss']} after epoch {epoch + 1}; "
+                               f"not saving. Last good checkpoint: step {ckpts.latest_step()}.")
+      if val["loss"] < best_loss:
+        best_loss = val["loss"]
+        ckpts.save_best(end_step, state["params"], record)
+      if (epoch + 1) % config.get("checkpoint_every_epochs", 1) == 0 or epoch + 1 == config.num_epochs:
+        ckpts.save_latest(end_step, state, {"epoch": epoch + 1, "step": end_step, **record})
+    ckpts.wait()
+    summary = final_summary(run, ckpts, workdir, eval_fn, log)
+  finally:
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
+  return summary
+
+
+def final_summary(run: Run, ckpts, workdir, eval_fn, log) -> dict:
+  """Sequential and arbitrary-order top-1/top-5 of the best (lowest val CE) parameters."""
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.replicated),
+                          model_lib.param_shapes(run.model))
+  params, meta = ckpt_lib.restore_best(workdir, abstract)
+  depth = run.model.depth
+  n_orders = run.config.get("eval_orders", 10)
+  rng = np.random.default_rng(run.config.get("eval_seed", 1234))
+  seq = evaluate(run, params, np.arange(depth)[None], eval_fn, desc="eval sequential")
+  arb = evaluate(run, params, order_lib.random_orders(rng, n_orders * run.eval_loader.steps_per_epoch,
+                                                       depth), eval_fn, desc="eval arbitrary")
+  summary = {"workdir": workdir, "best_epoch": meta.get("epoch"), "variant": run.config.variant,
+             "sequential": seq, "arbitrary": arb}
+  if jax.process_index() == 0:
+    ckpt_lib._write_json(os.path.join(workdir, "summary.json"), summary)
+  log(f"[{run.config.variant}] best epoch {meta.get('epoch')}: "
+      f"sequential top-1 {seq['top1']:.2%} top-5 {seq['top5']:.2%} | "
+      f"arbitrary order top-1 {arb['top1']:.2%} top-5 {arb['top5']:.2%}")
+  return summary
