@@ -62,8 +62,9 @@ def load_params(directory: str):
   path = epath.Path(directory).absolute()
   if (path / "params").exists():
     try:
+      target = local_target(path / "params")
       with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path / "params"), cfg
+        return ckptr.restore(path / "params", target), cfg
     except Exception as e:
       raise CheckpointError(f"could not restore {path / 'params'}: {e}") from e
   if (path / "best").exists():
@@ -98,11 +99,15 @@ class RunCheckpoints:
   def latest_step(self) -> Optional[int]:
     return self.latest.latest_step()
 
+  # Saves are asynchronous, but one manager's save waits for the other's: with several
+  # processes, two managers' barriers in flight at once deadlock Orbax.
   def save_latest(self, step: int, state: Any, meta: dict):
+    self.best.wait_until_finished()
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def save_best(self, step: int, params: Any, meta: dict):
+    self.latest.wait_until_finished()
     self.best.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -133,14 +138,29 @@ class RunCheckpoints:
     self.best.close()
 
 
+def local_target(item_dir) -> Any:
+  """An abstract tree placing a saved item on this process's first device, whatever
+  topology (devices, hosts) it was saved from."""
+  import jax
+  with ocp.StandardCheckpointer() as c:
+    md = c.metadata(item_dir)
+  tree = getattr(md, "item_metadata", md)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+
+
 def restore_best(workdir: str, abstract_params=None):
-  """(params, meta) of a workdir's best checkpoint."""
-  mngr = _manager(epath.Path(workdir).absolute() / "best", 1, ("params", "meta"))
+  """(params, meta) of a workdir's best checkpoint (on one local device by default)."""
+  root = epath.Path(workdir).absolute() / "best"
+  mngr = _manager(root, 1, ("params", "meta"))
   step = mngr.latest_step()
   if step is None:
+    mngr.close()
     raise CheckpointError(f"{workdir} has no best checkpoint yet (best/ is empty): "
                           "has the run finished an epoch?")
   try:
+    if abstract_params is None:
+      abstract_params = local_target(root / str(step) / "params")
     r = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
   except Exception as e:

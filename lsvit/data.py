@@ -61,21 +61,23 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None, prepare: bool = False,
                image_key: str = "image", label_key: str = "label"):
     import tensorflow_datasets as tfds
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-      if not prepare:
-        raise DataError(_prepare_instructions(name, builder))
-      # Explicitly requested: downloads (or reads manual_dir) and writes ArrayRecord files.
-      builder.download_and_prepare(file_format="array_record")
     try:
       self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except NotImplementedError as e:
-      raise DataError(f"{name} is prepared at {builder.data_dir} in a format without random access "
-                      f"({e.__class__.__name__}). Re-prepare it as ArrayRecord:\n"
-                      f"  tfds build {name} --file_format=array_record"
-                      + (f" --data_dir={data_dir}" if data_dir else "")) from None
-    except ValueError as e:
-      raise DataError(f"{name} has no split {split!r}: {e}") from None
+    except Exception as e:  # unprepared, or prepared without random access (TFRecord)
+      builder = tfds.builder(name, data_dir=data_dir)
+      if builder.is_prepared() and "split" in str(e).lower():
+        raise DataError(f"{name} has no split {split!r}: {str(e).splitlines()[0]}; "
+                        f"it has {list(builder.info.splits)}") from None
+      if builder.is_prepared():
+        raise DataError(
+            f"{name} is prepared at {builder.data_dir} in a format without random access "
+            f"({type(e).__name__}). Re-prepare it as ArrayRecord:\n  tfds build {name} "
+            f"--file_format=array_record" + (f" --data_dir={data_dir}" if data_dir else "")) from None
+      if not prepare:  # tfds would silently start a download: only when asked for
+        raise DataError(_prepare_instructions(name, builder)) from None
+      builder.download_and_prepare(file_format="array_record")
+      self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    builder = tfds.builder(name, data_dir=data_dir)
     self.num_classes = builder.info.features[label_key].num_classes
     self.image_key, self.label_key = image_key, label_key
 

@@ -129,8 +129,9 @@ def position_loss(pos_logits, reduction: str):
 def make_train_step(model, tx, config):
   depth = model.depth
 
-  def train_step(state, batch, key):
-    step_key = jax.random.fold_in(key, state["step"])
+  def train_step(state, batch):
+    # Same key on every device and host: a function of (seed, step) only.
+    step_key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
     order_key, dropout_key = jax.random.split(step_key)
     order, active = order_lib.training_order(config.variant, order_key, depth,
                                              config.get("layerdrop", 0.0))
@@ -205,8 +206,14 @@ class Run:
     return NamedSharding(self.mesh, P("data"))
 
   def to_global(self, batch: dict) -> dict:
+    """This host's rows of a batch -> one global array sharded over all devices."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in batch.items()}
+
+  def replicate(self, tree):
+    """Host values (identical on every host) -> arrays replicated on all devices."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
 
 
 def make_mesh():
@@ -242,7 +249,7 @@ def build_run(config, mesh: Optional[Mesh] = None) -> Run:
 
 def jit_steps(run: Run):
   rep, data = run.replicated, run.batch_sharding
-  train = jax.jit(run.train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+  train = jax.jit(run.train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
                   donate_argnums=(0,))
   evaluate = jax.jit(run.eval_step, in_shardings=(rep, data, rep), out_shardings=rep)
   return train, evaluate
@@ -263,7 +270,7 @@ def evaluate(run: Run, params, orders, eval_fn=None, desc=None) -> dict:
   total = None
   for p in range(passes):
     for b, batch in enumerate(run.eval_loader.iterate(0)):
-      order = jax.device_put(orders[(p * steps + b) % len(orders)], run.replicated)
+      order = run.replicate(orders[(p * steps + b) % len(orders)])
       sums = eval_fn(params, run.to_global(batch), order)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
       if bar:
@@ -351,9 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     start_step = int(state["step"])
     log(f"resuming from {workdir}/checkpoints/{start_step} (epoch {meta.get('epoch')})")
   else:
-    state = jax.device_put(fresh_state(), rep)
-
-  key = jax.device_put(jax.random.key(config.seed), rep)
+    state = run.replicate(fresh_state())
   writer = _Writer(workdir, main)
   best = ckpts.best_meta()
   best_loss = best["val"]["loss"] if best else math.inf
@@ -372,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                    unit="step", dynamic_ncols=True)
       acc_metrics, t0, seen = None, time.time(), 0
       for step, batch in zip(steps, run.train_loader.iterate(first, len(steps))):
-        state, m = train_fn(state, run.to_global(batch), key)
+        state, m = train_fn(state, run.to_global(batch))
         acc_metrics = m if acc_metrics is None else jax.tree.map(jnp.add, acc_metrics, m)
         seen += 1
         if seen % log_every == 0 or step == steps[-1]:

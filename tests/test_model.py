@@ -136,7 +136,7 @@ def _train(variant, digits_batch, steps=40, depth=DEPTH, **overrides):
   batch = {"image": digits_batch[0], "label": digits_batch[1]}
   losses = []
   for _ in range(steps):
-    state, m = step(state, batch, jax.random.key(0))
+    state, m = step(state, batch)
     losses.append(float(m["loss"]))
   return state, losses, m, model
 
