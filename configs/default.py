@@ -44,5 +44,8 @@ def get_config():
   c.eval_orders = 5                 # arbitrary-order evaluation: passes over val, a fresh order per batch
   c.eval_seed = 1234
   c.progress = True
-  c.distributed = False             # multi-host: jax.distributed.initialize() from the environment
+  c.distributed = False             # multi-host: jax.distributed.initialize() on every host
+  c.coordinator_address = ""        # host:port of process 0 (auto-detected on SLURM/MPI)
+  c.num_processes = 0               # 0: auto-detect
+  c.process_id = -1                 # -1: auto-detect
   return c

@@ -1,9 +1,16 @@
 """The embedded default: scikit-learn's real 8x8 handwritten digits, offline, on CPU.
 
-1,797 images (1,437 train / 360 validation), 10 classes; a 12-layer ViT of width 64
+1,797 images (1,438 train / 359 validation), 10 classes; a 12-layer ViT of width 64
 with 2x2 patches. Stage 1 trains a sequential baseline (the stand-in for a pretrained
-model) and reports it collapsing under shuffled layers; stage 2 trains LayerShuffle.
-See RECIPE below for how stage 2 was chosen.
+model) and reports it collapsing under shuffled layers; stage 2 refines it with LayerShuffle.
+
+Recipe, chosen by measurement (one seed each, this 2-core CPU, validation top-1):
+  stage 1  baseline, 30 epochs, lr 1e-3        sequential 88.3%  arbitrary 11.8%   87 s
+  stage 2  from scratch, 40 epochs, lr 1e-3     sequential 63.5%  arbitrary 62.0%  128 s
+           refine stage 1, 40 epochs, lr 1e-3   sequential 74.7%  arbitrary 75.9%  142 s
+           from scratch, 60 epochs, lr 2e-3     sequential 85.5%  arbitrary 82.3%  165 s
+           from scratch, 80 epochs, lr 1e-3     sequential 85.8%  arbitrary 83.7%  265 s
+           refine stage 1, 60 epochs, lr 1e-3   sequential 84.1%  arbitrary 88.8%  165 s  <- default
 """
 import ml_collections
 
@@ -24,12 +31,12 @@ def get_config():
       augment=False, crop_scale=(0.08, 1.0), flip=False, prepare=False, num_threads=2, dir=""))
   c.batch_size = 64
   c.eval_batch_size = 120
-  c.num_epochs = 40
+  c.num_epochs = 60
   c.optimizer.update(lr=1e-3, schedule="linear", warmup_steps=0, grad_clip_norm=1.0)
   c.log_every_steps = 5
   c.eval_orders = 10
   # Stage 1 (sequential "pretraining"), run into <workdir>/pretrain when >0.
   c.pretrain_epochs = 30
   c.pretrain_lr = 1e-3
-  c.refine_from_pretrain = False   # stage 2 starts from scratch (see the recipe measurement)
+  c.refine_from_pretrain = True    # stage 2 refines stage 1 (the paper's setting; see above)
   return c

@@ -31,7 +31,13 @@ def pretrain_config(config):
 def train(config, workdir: str) -> dict:
   """Runs all stages; returns {'pretrain': summary, 'main': summary} (pretrain if configured)."""
   if config.get("distributed"):
-    jax.distributed.initialize()
+    # On SLURM/Open MPI/TPU pods every argument is auto-detected; elsewhere set them
+    # (or JAX_COORDINATOR_ADDRESS) and start the same command on every host.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only hosts
+    jax.distributed.initialize(
+        coordinator_address=config.get("coordinator_address") or None,
+        num_processes=config.get("num_processes") or None,
+        process_id=None if config.get("process_id", -1) < 0 else config.process_id)
   out = {}
   if config.get("pretrain_epochs") and not config.get("init_from"):
     pre_dir = os.path.join(workdir, "pretrain")
@@ -54,7 +60,7 @@ def quiet_logs():
   """Orbax logs every save/restore at INFO through absl; keep the console to our progress."""
   import logging
   from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.ERROR)
   for name in ("absl", "orbax", "jax._src.distributed"):
     logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -8,6 +8,7 @@ a replicated scalar key makes every device draw the same layer permutation.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -210,6 +211,17 @@ class Run:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in batch.items()}
 
+  def device_batches(self, host_batches, ahead: int = 2):
+    """Transfers batches ``ahead`` steps early (transfers are asynchronous), so the next
+    batch is on the devices while the current step runs."""
+    queue = collections.deque()
+    for batch in host_batches:
+      queue.append(self.to_global(batch))
+      if len(queue) > ahead:
+        yield queue.popleft()
+    while queue:
+      yield queue.popleft()
+
   def replicate(self, tree):
     """Host values (identical on every host) -> arrays replicated on all devices."""
     return jax.tree.map(
@@ -314,6 +326,14 @@ class _Writer:
       self.tb.close()
 
 
+def _truncate_jsonl(path, last_step):
+  if os.path.exists(path):
+    lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+      f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 def _fmt(m):
   return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
 
@@ -356,6 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
     state, meta = ckpts.restore_latest(abstract)
     start_step = int(state["step"])
+    if main:  # drop metrics of epochs that were logged but not checkpointed before a crash
+      _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
     log(f"resuming from {workdir}/checkpoints/{start_step} (epoch {meta.get('epoch')})")
   else:
     state = run.replicate(fresh_state())
@@ -376,8 +398,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         bar = tqdm(total=spe, initial=first - epoch * spe, desc=f"epoch {epoch + 1}/{config.num_epochs}",
                    unit="step", dynamic_ncols=True)
       acc_metrics, t0, seen = None, time.time(), 0
-      for step, batch in zip(steps, run.train_loader.iterate(first, len(steps))):
-        state, m = train_fn(state, run.to_global(batch))
+      batches = run.device_batches(run.train_loader.iterate(first, len(steps)))
+      for step, batch in zip(steps, batches):
+        state, m = train_fn(state, batch)
         acc_metrics = m if acc_metrics is None else jax.tree.map(jnp.add, acc_metrics, m)
         seen += 1
         if seen % log_every == 0 or step == steps[-1]:

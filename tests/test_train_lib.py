@@ -148,6 +148,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
   r = subprocess.run(train(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resuming from {killed}/checkpoints/{spe}" in r.stdout + r.stderr
+  epochs = [json.loads(l)["epoch"] for l in open(os.path.join(killed, "metrics.jsonl"))]
+  assert epochs == [1, 2]
   assert max_diff(_state_params(full, final), _state_params(killed, final)) <= 1e-6
 
 
@@ -160,8 +162,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   def poisoned(model, tx, cfg):
     step = orig(model, tx, cfg)
 
-    def wrapped(state, batch, key):
-      new, m = step(state, batch, key)
+    def wrapped(state, batch):
+      new, m = step(state, batch)
       m["loss"] = jnp.where(state["step"] >= bad_from, jnp.nan, m["loss"])
       m["nonfinite"] = (~jnp.isfinite(m["loss"])).astype(jnp.int32)
       return new, m
@@ -203,3 +205,46 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     train_lib.train_and_evaluate(tiny_config(num_epochs=2), wd, log=lambda *a: None)
   assert "could not restore the latest checkpoint" in str(e.value)
   assert "Move that step directory aside" in str(e.value)
+
+
+def test_init_from_converted_hf_checkpoint_with_kept_layers(tmp_path):
+  """init_from an HF checkpoint converted on the fly: encoder weights taken over, the
+  first k layers kept, a new zero head for the 10 digit classes; then it trains."""
+  from transformers import ViTConfig, ViTForImageClassification
+  from lsvit import convert
+  from tests import reference
+  hf = reference.randomize(ViTForImageClassification(ViTConfig(
+      hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+      image_size=8, patch_size=2, num_channels=1, num_labels=5)))
+  hf.save_pretrained(tmp_path / "hf")
+  converted, _ = convert.load(f"hf:{tmp_path / 'hf'}")
+  config = tiny_config(init_from=f"hf:{tmp_path / 'hf'}", keep_layers=2, num_epochs=1,
+                       **{"model.ln_eps": 1e-12})
+  run = train_lib.build_run(config)
+  assert run.model.depth == 2 and run.model.num_classes == 10
+  params = train_lib.initial_params(config, run.model, log=lambda *a: None)
+  want = converted["Transformer"]["encoderblock"]["MlpBlock_3"]["Dense_1"]["kernel"][:2]
+  np.testing.assert_array_equal(params["Transformer"]["encoderblock"]["MlpBlock_3"]["Dense_1"]["kernel"], want)
+  np.testing.assert_array_equal(params["embedding"]["kernel"], converted["embedding"]["kernel"])
+  assert params["head"]["kernel"].shape == (32, 10) and not np.asarray(params["head"]["kernel"]).any()
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"), log=lambda *a: None)
+  trained, _ = ckpt_lib.restore_best(str(tmp_path / "run"))
+  assert trained["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape[0] == 2
+  assert max_diff(trained["embedding"], params["embedding"]) > 1e-4  # it trained from there
+
+
+def test_bfloat16_compute_keeps_float32_params(digits_batch):
+  import jax.numpy as jnp
+  from lsvit import model as model_lib
+  config = tiny_config(compute_dtype="bfloat16")
+  m32 = model_lib.build({**train_lib.model_config(config, 10), "dtype": "float32"})
+  m16 = model_lib.build(train_lib.model_config(config, 10))
+  assert m16.dtype == jnp.bfloat16
+  params = model_lib.init_params(m16)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  x = digits_batch[0][:16]
+  params = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(1), a.shape), params)
+  a = np.asarray(m32.apply({"params": params}, x)["logits"])
+  b = m16.apply({"params": params}, x)["logits"]
+  assert b.dtype == jnp.float32  # logits come back in f32 for the loss
+  assert np.abs(a - np.asarray(b)).max() < 0.05 * np.abs(a).max() + 1e-3

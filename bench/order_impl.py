@@ -1,0 +1,88 @@
+"""How to run layers in a runtime order: 'gather' vs 'switch' vs the plain sequential model.
+
+Measures, in one process, training-step time (median of repeats, forward+backward+Adam)
+and XLA's compiled temporary memory, for each implementation, at the same model, batch
+and threads. The sequential model is the reference (ratio 1.0).
+
+  python bench/order_impl.py [--name S/16 --image 224 --batch 8 --steps 10] [--json out.json]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lsvit import model as model_lib
+
+
+def measure(impl, args, shuffle):
+  m = model_lib.build(dict(name=args.name, image_size=args.image, num_classes=100, impl=impl))
+  params = model_lib.init_params(m)
+  tx = optax.adam(1e-4)
+  depth = m.depth
+
+  def step(params, opt, x, y, key):
+    order = jax.random.permutation(key, depth) if shuffle else jnp.arange(depth)
+
+    def loss(p):
+      logits = m.apply({"params": p}, x, order)["logits"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    g = jax.grad(loss)(params)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), opt
+
+  fn = jax.jit(step, donate_argnums=(0, 1))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.image, args.image, 3)),
+                  jnp.float32)
+  y = jnp.zeros((args.batch,), jnp.int32)
+  opt = tx.init(params)
+  compiled = fn.lower(params, opt, x, y, jax.random.key(0)).compile()
+  mem = compiled.memory_analysis()
+  temp = getattr(mem, "temp_size_in_bytes", float("nan"))
+  params, opt = fn(params, opt, x, y, jax.random.key(0))
+  jax.block_until_ready(params)
+  times = []
+  for i in range(args.steps):
+    t = time.perf_counter()
+    params, opt = fn(params, opt, x, y, jax.random.key(i + 1))
+    jax.block_until_ready(params)
+    times.append(time.perf_counter() - t)
+  return {"impl": impl, "shuffle": shuffle, "step_s_median": float(np.median(times)),
+          "step_s_min": float(np.min(times)), "step_s_max": float(np.max(times)),
+          "temp_bytes": int(temp), "compilations": fn._cache_size()}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--name", default="Ti/16")
+  ap.add_argument("--image", type=int, default=224)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--json")
+  args = ap.parse_args()
+  rows = [measure("sequential", args, False), measure("gather", args, False),
+          measure("gather", args, True), measure("switch", args, True)]
+  ref = rows[0]
+  print(f"{args.name} at {args.image}, batch {args.batch}, {jax.devices()[0].platform}, "
+        f"jax {jax.__version__}, median of {args.steps} steps")
+  print(f"{'impl':<11}{'order':<9}{'step ms (min/med/max)':<26}{'time ratio':>11}"
+        f"{'temp MiB':>10}{'mem ratio':>10}")
+  for r in rows:
+    r["time_ratio"] = r["step_s_median"] / ref["step_s_median"]
+    r["mem_ratio"] = r["temp_bytes"] / ref["temp_bytes"]
+    print(f"{r['impl']:<11}{'shuffled' if r['shuffle'] else 'original':<9}"
+          f"{r['step_s_min'] * 1e3:7.1f} /{r['step_s_median'] * 1e3:7.1f} /{r['step_s_max'] * 1e3:7.1f}  "
+          f"{r['time_ratio']:>10.3f}{r['temp_bytes'] / 2**20:>10.1f}{r['mem_ratio']:>10.3f}")
+  if args.json:
+    json.dump({"args": vars(args), "rows": rows}, open(args.json, "w"), indent=2)
+
+
+if __name__ == "__main__":
+  main()
