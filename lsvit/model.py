@@ -208,7 +208,8 @@ class ViT(nn.Module):
 
   ``__call__`` returns a dict: ``logits`` [B, classes]; for ``predict`` also
   ``pos_logits`` [n, B, depth]; with ``capture=True`` also ``hidden``
-  [n, B, tokens, width] (each executed layer's output, in execution order).
+  [n, B, tokens, width] (each executed layer's output, in execution order) and
+  ``embedded`` [B, tokens, width] (the first layer's input).
   """
   num_classes: int = 1000
   image_size: int = 224
@@ -269,6 +270,7 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(0.02),
                      (1, x.shape[1], self.width))
     x = nn.Dropout(self.dropout)(x + pos.astype(self.dtype), not train)
+    embedded = x
 
     block = Block(mlp_dim=self.mlp_dim, num_heads=self.num_heads, depth=self.depth,
                   variant=self.variant, pos_dim=self.pos_dim, pos_table=self.pos_table,
@@ -288,6 +290,7 @@ class ViT(nn.Module):
       out["pos_logits"] = aux["pos_logits"]
     if capture:
       out["hidden"] = aux["hidden"]
+      out["embedded"] = embedded
     return out
 
 

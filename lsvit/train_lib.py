@@ -176,7 +176,7 @@ def make_eval_step(model):
     }
     if "pos_logits" in out:
       hit = out["pos_logits"].argmax(-1) == jnp.arange(order.shape[0])[:, None]
-      sums["position_hits"] = (hit & mask[None]).sum()
+      sums["position_hits"] = (hit & mask[None]).sum(axis=1)  # per position [n]
     return sums
 
   return eval_step
@@ -259,12 +259,16 @@ def build_run(config, mesh: Optional[Mesh] = None) -> Run:
              make_train_step(model, tx, config), make_eval_step(model), steps_per_epoch, total)
 
 
+def jit_eval(run: Run):
+  rep = run.replicated
+  return jax.jit(run.eval_step, in_shardings=(rep, run.batch_sharding, rep), out_shardings=rep)
+
+
 def jit_steps(run: Run):
   rep, data = run.replicated, run.batch_sharding
   train = jax.jit(run.train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
                   donate_argnums=(0,))
-  evaluate = jax.jit(run.eval_step, in_shardings=(rep, data, rep), out_shardings=rep)
-  return train, evaluate
+  return train, jit_eval(run)
 
 
 def evaluate(run: Run, params, orders, eval_fn=None, desc=None) -> dict:
@@ -289,12 +293,14 @@ def evaluate(run: Run, params, orders, eval_fn=None, desc=None) -> dict:
         bar.update(1)
   if bar:
     bar.close()
-  total = {k: float(v) for k, v in jax.device_get(total).items()}
-  n = max(total.pop("count"), 1)
-  out = {"loss": total["ce"] / n, "top1": total["top1"] / n, "top5": total["top5"] / n,
-         "examples": int(n / passes), "orders": int(min(len(orders), passes * steps))}
+  total = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
+  n = max(float(total.pop("count")), 1.0)
+  out = {"loss": float(total["ce"] / n), "top1": float(total["top1"] / n),
+         "top5": float(total["top5"] / n), "examples": int(round(n / passes)),
+         "orders": int(min(len(orders), passes * steps))}
   if "position_hits" in total:
-    out["position_accuracy"] = total["position_hits"] / (n * orders.shape[1])
+    out["position_accuracy"] = float(total["position_hits"].sum() / (n * orders.shape[1]))
+    out["position_accuracy_per_position"] = (total["position_hits"] / n).tolist()
   return out
 
 
