@@ -1,4 +1,5 @@
-"""How to run layers in a runtime order: 'gather' vs 'switch' vs the plain sequential model.
+"""How to run layers in a runtime order: 'gather' (scan), 'unrolled', 'switch' vs the plain
+sequential model.
 
 Measures, in one process, training-step time (median of repeats, forward+backward+Adam)
 and XLA's compiled temporary memory, for each implementation, at the same model, batch
@@ -23,7 +24,10 @@ from lsvit import model as model_lib
 
 
 def measure(impl, args, shuffle):
-  m = model_lib.build(dict(name=args.name, image_size=args.image, num_classes=100, impl=impl))
+  cfg = dict(name=args.name, image_size=args.image, num_classes=100, impl=impl)
+  if args.patch:
+    cfg["patch_size"] = args.patch
+  m = model_lib.build(cfg)
   params = model_lib.init_params(m)
   tx = optax.adam(1e-4)
   depth = m.depth
@@ -65,10 +69,12 @@ def main():
   ap.add_argument("--image", type=int, default=224)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--patch", type=int)
   ap.add_argument("--json")
   args = ap.parse_args()
   rows = [measure("sequential", args, False), measure("gather", args, False),
-          measure("gather", args, True), measure("switch", args, True)]
+          measure("gather", args, True), measure("unrolled", args, True),
+          measure("switch", args, True)]
   ref = rows[0]
   print(f"{args.name} at {args.image}, batch {args.batch}, {jax.devices()[0].platform}, "
         f"jax {jax.__version__}, median of {args.steps} steps")

@@ -10,8 +10,9 @@ by indexing the stack. So:
 
 Implementation choice (``impl``), measured by ``bench/order_impl.py`` on this
 project's 2-core CPU, recorded in BENCHMARKS.md: 'gather' (default) indexes the
-stack inside the scan; 'switch' dispatches with ``lax.switch`` over L branches;
-'sequential' is the plain unrolled model (original order only), the reference.
+stack inside a ``lax.scan``; 'unrolled' indexes it in an unrolled loop; 'switch'
+dispatches with ``lax.switch`` over L branches; 'sequential' is the plain unrolled
+model (original order only), the reference.
 """
 from __future__ import annotations
 
@@ -138,17 +139,16 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, order, active=None, train=False, capture=False):
     block = self.block.clone(parent=None)  # an unbound template: apply() is a pure function
-
-    def init_stack(rng):
-      keys = jax.random.split(rng, self.depth)
-      return jax.vmap(lambda k: block.init(k, x[:1], 0, shared_emb0)["params"])(keys)
-
     shared_table = None
-    shared_emb0 = None
     if block.variant == "position" and block.pos_table == "shared":
       shared_table = self.param("layer_pos_embedding", nn.initializers.normal(0.02),
                                 (self.depth, block.pos_dim))
-      shared_emb0 = shared_table[0]
+
+    def init_stack(rng):  # each layer initialised independently, stacked on axis 0
+      keys = jax.random.split(rng, self.depth)
+      emb0 = None if shared_table is None else shared_table[0]
+      return jax.vmap(lambda k: block.init(k, x[:1], 0, emb0)["params"])(keys)
+
     stack = self.param("encoderblock", init_stack)
     dropout_key = self.make_rng("dropout") if train and _uses_dropout(block) else None
 
@@ -183,10 +183,12 @@ class Encoder(nn.Module):
     positions = jnp.arange(n, dtype=jnp.int32)
     act = jnp.ones((n,), bool) if active is None else active
 
-    if self.impl == "sequential":  # plain unrolled model, the measurement reference
+    if self.impl in ("sequential", "unrolled"):
+      # 'sequential': the plain model (static layer i at position i), the reference;
+      # 'unrolled': a Python loop over positions fetching layer order[i] by dynamic index.
       outs = []
       for i in range(n):
-        x, out = step(x, (i, i, act[i]))
+        x, out = step(x, (i, i if self.impl == "sequential" else order[i], act[i]))
         outs.append(out)
       aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
       return x, aux

@@ -197,6 +197,7 @@ class Run:
   eval_step: Any
   steps_per_epoch: int
   total_steps: int
+  eval_fn: Any = None  # the jitted eval_step, once made (evaluation reuses it across runs)
 
   @property
   def replicated(self):
@@ -275,7 +276,7 @@ def evaluate(run: Run, params, orders, eval_fn=None, desc=None) -> dict:
   """Top-1/top-5/CE over the eval split. ``orders`` [k, n]: batch b of pass p runs order
   ``orders[(p * steps + b) % k]``; there are ceil(k / steps) passes, so k random orders
   give every batch a fresh order (a single row = one order for every batch)."""
-  eval_fn = eval_fn or jit_steps(run)[1]
+  eval_fn = eval_fn or run.eval_fn or jit_eval(run)
   orders = np.atleast_2d(np.asarray(orders, np.int32))
   steps = run.eval_loader.steps_per_epoch
   passes = -(-len(orders) // steps)
