@@ -29,7 +29,8 @@ def refuse_existing(directory: str):
                           "Choose a new --out directory or remove the old one yourself.")
 
 
-def _write_json(path: str, obj):
+def write_json(path: str, obj):
+  """Atomically (write, then rename): a crash never leaves half a file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -43,7 +44,7 @@ def save_params(directory: str, params, model_cfg: dict, **meta):
   path.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "params", params)
-  _write_json(os.path.join(directory, "model.json"), dict(model=model_cfg, **meta))
+  write_json(os.path.join(directory, "model.json"), dict(model=model_cfg, **meta))
 
 
 def load_model_cfg(directory: str) -> dict:

@@ -213,7 +213,8 @@ def from_timm(sd: Flat, num_heads: int) -> Flat:
 
 # ----------------------------------------------------------------------------- stacking & checking
 
-def _infer_config(flat: Flat, num_heads=None, ln_eps=1e-6, hf_cfg=None) -> dict:
+def _infer_config(flat: Flat, ln_eps: float = 1e-6) -> dict:
+  """The model's fields, read off the tensors' shapes."""
   kernel = flat["embedding/kernel"]
   patch, _, channels, width = kernel.shape
   distilled = "dist" in flat

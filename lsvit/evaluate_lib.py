@@ -40,6 +40,7 @@ class TrainedRun:
   model_cfg: dict
   params: Any
   meta: dict
+  device_params: Any = dataclasses.field(default=None, repr=False, compare=False)  # on the mesh
 
   @property
   def variant(self) -> str:
@@ -142,9 +143,9 @@ class Evaluator:
 
   def device_params(self, run: TrainedRun):
     r = self.run_for(run.model_cfg)
-    if not hasattr(run, "_device_params"):
-      run._device_params = r.replicate(jax.tree.map(np.asarray, run.params))
-    return run._device_params
+    if run.device_params is None:
+      run.device_params = r.replicate(jax.tree.map(np.asarray, run.params))
+    return run.device_params
 
   def arbitrary_orders(self, depth: int, passes: int, salt: int = 1) -> np.ndarray:
     """A fresh random order for every batch of ``passes`` passes (same for every run)."""

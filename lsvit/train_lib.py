@@ -366,8 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                        workdir)
     ckpt_lib.check_same_model(ckpt_lib.load_model_cfg(workdir), mcfg, workdir)
   elif main:
-    ckpt_lib._write_json(cfg_path, cfg_dict)
-    ckpt_lib._write_json(os.path.join(workdir, "model.json"), {"model": mcfg})
+    ckpt_lib.write_json(cfg_path, cfg_dict)
+    ckpt_lib.write_json(os.path.join(workdir, "model.json"), {"model": mcfg})
 
   train_fn, eval_fn = jit_steps(run)
   rep = run.replicated
@@ -471,7 +471,7 @@ def final_summary(run: Run, ckpts, workdir, eval_fn, log) -> dict:
   summary = {"workdir": workdir, "best_epoch": meta.get("epoch"), "variant": run.config.variant,
              "sequential": seq, "arbitrary": arb}
   if jax.process_index() == 0:
-    ckpt_lib._write_json(os.path.join(workdir, "summary.json"), summary)
+    ckpt_lib.write_json(os.path.join(workdir, "summary.json"), summary)
   log(f"[{run.config.variant}] best epoch {meta.get('epoch')}: "
       f"sequential top-1 {seq['top1']:.2%} top-5 {seq['top5']:.2%} | "
       f"arbitrary order top-1 {arb['top1']:.2%} top-5 {arb['top5']:.2%}")
