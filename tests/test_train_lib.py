@@ -118,15 +118,16 @@ def _state_params(workdir, step):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-  # the digits model (about 3 s an epoch here), so that the kill lands mid-epoch
+  # the digits model at batch 4 (359 steps, about 5 s an epoch here): the kill, 1 s after
+  # the first checkpoint appears, lands well inside epoch 2
   args = ["--config=configs/digits.py", "--config.pretrain_epochs=0", "--config.progress=False",
-          "--config.batch_size=8", "--config.num_epochs=2", "--config.eval_orders=1",
+          "--config.batch_size=4", "--config.num_epochs=2", "--config.eval_orders=1",
           "--config.model.dropout=0.1"]
   env = {**os.environ, "PYTHONPATH": ROOT}
   train = lambda wd: [sys.executable, "train.py", *args, f"--workdir={wd}"]
   full = str(tmp_path / "full")
   subprocess.run(train(full), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-  spe = 1438 // 8
+  spe = 1438 // 4
   final = 2 * spe
   assert (tmp_path / "full" / "checkpoints" / str(final)).exists()
 
