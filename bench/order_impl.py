@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lsvit import bench
 from lsvit import model as model_lib
 
 
@@ -31,31 +32,22 @@ def measure(impl, args, shuffle):
   params = model_lib.init_params(m)
   tx = optax.adam(1e-4)
   depth = m.depth
-
-  def step(params, opt, x, y, key):
-    order = jax.random.permutation(key, depth) if shuffle else jnp.arange(depth)
-
-    def loss(p):
-      logits = m.apply({"params": p}, x, order)["logits"]
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    g = jax.grad(loss)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), opt
-
-  fn = jax.jit(step, donate_argnums=(0, 1))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.image, args.image, 3)),
                   jnp.float32)
   y = jnp.zeros((args.batch,), jnp.int32)
+  fn = bench.jitted_train_step(m, tx, x, y)
+  rng = np.random.default_rng(0)
+  next_order = lambda: jnp.asarray(rng.permutation(depth) if shuffle else np.arange(depth), jnp.int32)
   opt = tx.init(params)
-  compiled = fn.lower(params, opt, x, y, jax.random.key(0)).compile()
+  compiled = fn.lower(params, opt, next_order()).compile()
   mem = compiled.memory_analysis()
   temp = getattr(mem, "temp_size_in_bytes", float("nan"))
-  params, opt = fn(params, opt, x, y, jax.random.key(0))
+  params, opt = fn(params, opt, next_order())
   jax.block_until_ready(params)
   times = []
   for i in range(args.steps):
     t = time.perf_counter()
-    params, opt = fn(params, opt, x, y, jax.random.key(i + 1))
+    params, opt = fn(params, opt, next_order())
     jax.block_until_ready(params)
     times.append(time.perf_counter() - t)
   return {"impl": impl, "shuffle": shuffle, "step_s_median": float(np.median(times)),

@@ -74,27 +74,30 @@ def _interleaved(fns: dict, steps: int, repeats: int) -> dict:
 
 # ----------------------------------------------------------------------------- lsvit
 
+def jitted_train_step(model, tx, x, y):
+  """step(params, opt_state, order) -> (params, opt_state): forward, backward, optimizer
+  update on a fixed batch, the layer order passed as data; buffers donated."""
+  def step(params, opt, order):
+    def loss(p):
+      logits = model.apply({"params": p}, x, order)["logits"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    g = jax.grad(loss)(params)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), opt
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
 def lsvit_steps(s, batch, impl="gather"):
   kw = {k: v for k, v in s.items() if k != "batch"}
   seq = model_lib.build(dict(kw, num_classes=CLASSES, impl="sequential"))
   shuf = model_lib.build(dict(kw, num_classes=CLASSES, impl=impl))
-  params = model_lib.init_params(seq)
+  params = {"seq": model_lib.init_params(seq), "shuf": model_lib.init_params(shuf)}
   tx = optax.adam(1e-4, eps=1e-6)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, s["image_size"], s["image_size"], 3)),
                   jnp.float32)
   y = jnp.asarray(np.random.default_rng(1).integers(0, CLASSES, batch), jnp.int32)
 
-  def make(model):
-    def step(params, opt, order):
-      def loss(p):
-        logits = model.apply({"params": p}, x, order)["logits"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      g = jax.grad(loss)(params)
-      u, opt = tx.update(g, opt, params)
-      return optax.apply_updates(params, u), opt
-    return jax.jit(step, donate_argnums=(0, 1))
-
-  return seq, shuf, params, tx, make(seq), make(shuf), x
+  return (seq, shuf, params, tx, jitted_train_step(seq, tx, x, y), jitted_train_step(shuf, tx, x, y), x)
 
 
 def lsvit_programs(s, rng, count_orders, impl="gather"):
@@ -102,8 +105,7 @@ def lsvit_programs(s, rng, count_orders, impl="gather"):
   seq, shuf, params, tx, seq_step, shuf_step, x = lsvit_steps(s, s["batch"], impl)
   depth = s["depth"]
   ident = jnp.arange(depth, dtype=jnp.int32)
-  state = {"seq": (params, tx.init(params)),
-           "shuf": (jax.tree.map(jnp.copy, params), tx.init(params))}
+  state = {k: (p, tx.init(p)) for k, p in params.items()}
   mem = {name: fn.lower(*state[name], ident).compile().memory_analysis().temp_size_in_bytes
          for name, fn in (("seq", seq_step), ("shuf", shuf_step))}
   # warm-up; the shuffled step sees a fresh random order (data) at every call from here on

@@ -11,8 +11,8 @@ by indexing the stack. So:
 Implementation choice (``impl``), measured by ``bench/order_impl.py`` on this
 project's 2-core CPU, recorded in BENCHMARKS.md: 'gather' (default) indexes the
 stack inside a ``lax.scan``; 'unrolled' indexes it in an unrolled loop; 'switch'
-dispatches with ``lax.switch`` over L branches; 'sequential' is the plain unrolled
-model (original order only), the reference.
+dispatches with ``lax.switch`` over L branches; 'sequential' is the plain model
+(separate per-layer parameters, original order only), the reference.
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ class Encoder(nn.Module):
       emb0 = None if shared_table is None else shared_table[0]
       return jax.vmap(lambda k: block.init(k, x[:1], 0, emb0)["params"])(keys)
 
-    stack = self.param("encoderblock", init_stack)
+    stack = None if self.impl == "sequential" else self.param("encoderblock", init_stack)
     dropout_key = self.make_rng("dropout") if train and _uses_dropout(block) else None
 
     def run_block(params, x, position):
@@ -183,12 +183,21 @@ class Encoder(nn.Module):
     positions = jnp.arange(n, dtype=jnp.int32)
     act = jnp.ones((n,), bool) if active is None else active
 
-    if self.impl in ("sequential", "unrolled"):
-      # 'sequential': the plain model (static layer i at position i), the reference;
-      # 'unrolled': a Python loop over positions fetching layer order[i] by dynamic index.
+    if self.impl == "sequential":
+      # The plain model, the measurement reference: separate parameters per layer
+      # (encoderblock_0 ... encoderblock_{L-1}, as non-scanned big_vision), fixed order.
+      # Its parameters are not stacked: convert with ``unstack``.
       outs = []
       for i in range(n):
-        x, out = step(x, (i, i if self.impl == "sequential" else order[i], act[i]))
+        p = self.param(f"encoderblock_{i}", lambda rng: block.init(rng, x[:1], 0, None)["params"])
+        y, pos_logits = run_block(p, x, i)
+        x = y if active is None else jnp.where(act[i], y, x)
+        outs.append({"pos_logits": pos_logits, "hidden": x if capture else None})
+      return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if self.impl == "unrolled":  # a Python loop over positions fetching order[i] by dynamic index
+      outs = []
+      for i in range(n):
+        x, out = step(x, (i, order[i], act[i]))
         outs.append(out)
       aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
       return x, aux
@@ -310,6 +319,18 @@ def build(cfg) -> ViT:
   if isinstance(kw.get("dtype"), str):
     kw["dtype"] = jnp.dtype(kw["dtype"])
   return ViT(**kw)
+
+
+def unstack(params):
+  """Stacked parameters -> the per-layer layout of impl='sequential' (same weights)."""
+  params = dict(params)
+  enc = dict(params["Transformer"])
+  stack = enc.pop("encoderblock")
+  depth = jax.tree.leaves(stack)[0].shape[0]
+  for i in range(depth):
+    enc[f"encoderblock_{i}"] = jax.tree.map(lambda a: a[i], stack)
+  params["Transformer"] = enc
+  return params
 
 
 def init_params(model: ViT, seed: int = 0):

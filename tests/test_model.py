@@ -50,10 +50,12 @@ def test_gather_switch_sequential_agree():
   m = small(head_zeroinit=False)
   params = model_lib.init_params(m)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
-  seq = m.clone(impl="sequential").apply({"params": params}, x)["logits"]
+  seq = m.clone(impl="sequential").apply({"params": model_lib.unstack(params)}, x)["logits"]
   order = np.array([4, 0, 5, 2], np.int32)
   g = m.apply({"params": params}, x, order)["logits"]
   s = m.clone(impl="switch").apply({"params": params}, x, order)["logits"]
+  u = m.clone(impl="unrolled").apply({"params": params}, x, order)["logits"]
+  np.testing.assert_allclose(g, u, atol=1e-6)
   np.testing.assert_allclose(m.apply({"params": params}, x)["logits"], seq, atol=1e-6)
   np.testing.assert_allclose(g, s, atol=1e-6)
   # running layers one by one by hand gives the same as the gathered order
