@@ -255,9 +255,7 @@ class Loader:
   def _batch(self, pool, epoch, rows):
     rows = rows[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
     examples = list(pool.map(lambda i: self._example(epoch, i), rows))
-    real = next(e for e in examples if e is not None) if any(e is not None for e in examples) else None
-    shape = real[0].shape if real else (self.preprocess.size, self.preprocess.size,
-                                        self.preprocess.channels)
+    shape = (self.preprocess.size, self.preprocess.size, self.preprocess.channels)
     images = np.stack([e[0] if e else np.zeros(shape, np.float32) for e in examples])
     labels = np.asarray([e[1] if e else 0 for e in examples], np.int32)
     mask = np.asarray([e is not None for e in examples], bool)

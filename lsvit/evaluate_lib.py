@@ -128,7 +128,7 @@ class Evaluator:
       config, mesh, loader = self._template
       model = model_lib.build(model_cfg)
       r = train_lib.Run(config, model, mesh, None, loader, None, None,
-                        train_lib.make_eval_step(model), 0, 0)
+                        train_lib.make_eval_step(model), 0, 0, model_cfg)
       r.eval_fn = train_lib.jit_eval(r)  # one compiled program per model, shared by its runs
       self._runs[key] = r
     return self._runs[key]

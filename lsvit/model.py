@@ -266,8 +266,10 @@ class ViT(nn.Module):
       order = jnp.arange(self.depth, dtype=jnp.int32)
     elif not isinstance(order, jax.core.Tracer):
       order = jnp.asarray(order_lib.check_order(order, self.depth))
-    if self.impl == "sequential" and order.shape[0] != self.depth:
-      raise ValueError("impl='sequential' runs the original order only")
+    if self.impl == "sequential" and (
+        order.shape[0] != self.depth or
+        (not isinstance(order, jax.core.Tracer) and (np.asarray(order) != np.arange(self.depth)).any())):
+      raise ValueError("impl='sequential' runs the original order only; use impl='gather' for others")
 
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, name="embedding")(images.astype(self.dtype))

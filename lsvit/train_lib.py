@@ -197,6 +197,7 @@ class Run:
   eval_step: Any
   steps_per_epoch: int
   total_steps: int
+  model_cfg: Optional[dict] = None  # the model's fields, as saved in model.json
   eval_fn: Any = None  # the jitted eval_step, once made (evaluation reuses it across runs)
 
   @property
@@ -257,7 +258,7 @@ def build_run(config, mesh: Optional[Mesh] = None) -> Run:
   total = steps_per_epoch * config.num_epochs
   tx, _ = make_optimizer(config, total)
   return Run(config, model, mesh, train_loader, eval_loader, tx,
-             make_train_step(model, tx, config), make_eval_step(model), steps_per_epoch, total)
+             make_train_step(model, tx, config), make_eval_step(model), steps_per_epoch, total, mcfg)
 
 
 def jit_eval(run: Run):
@@ -277,7 +278,11 @@ def evaluate(run: Run, params, orders, eval_fn=None, desc=None) -> dict:
   ``orders[(p * steps + b) % k]``; there are ceil(k / steps) passes, so k random orders
   give every batch a fresh order (a single row = one order for every batch)."""
   eval_fn = eval_fn or run.eval_fn or jit_eval(run)
-  orders = np.atleast_2d(np.asarray(orders, np.int32))
+  orders = np.atleast_2d(np.asarray(orders))
+  if orders.ndim != 2:
+    raise ValueError(f"orders must be [k, n] (one order per row), got shape {orders.shape}")
+  # Validated here, on the host: inside jit an out-of-range index would silently clamp.
+  orders = np.stack([order_lib.check_order(o, run.model.depth) for o in orders])
   steps = run.eval_loader.steps_per_epoch
   passes = -(-len(orders) // steps)
   bar = None
@@ -352,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   os.makedirs(workdir, exist_ok=True)
   run = build_run(config)
   model = run.model
-  mcfg = model_config(config, run.train_loader.source.num_classes)
+  mcfg = run.model_cfg
   cfg_dict = config.to_dict()
 
   ckpts = ckpt_lib.RunCheckpoints(workdir, config.get("keep_checkpoints", 2))

@@ -154,6 +154,11 @@ def test_bad_input(trained, tmp_path):
   from lsvit.checkpoint import CheckpointError
   with pytest.raises(CheckpointError, match="has no best checkpoint"):
     E.load_runs([str(half)])
+  ev = evaluator(E.load_runs(dirs["baseline"]))
+  with pytest.raises(ValueError, match=r"out-of-range entries \[4\]"):  # never clamped in jit
+    ev.evaluate(E.load_runs(dirs["baseline"])[0], np.array([[0, 1, 2, 4]]))
+  with pytest.raises(ValueError, match="must contain integer"):
+    ev.evaluate(E.load_runs(dirs["baseline"])[0], np.array([[0.0, 1.0, 2.0, 3.0]]))
   with pytest.raises(E.EvalError, match="unknown mode 'merged'"):
     E.run(dirs["baseline"], "merged")
 

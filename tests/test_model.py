@@ -58,6 +58,8 @@ def test_gather_switch_sequential_agree():
   np.testing.assert_allclose(g, u, atol=1e-6)
   np.testing.assert_allclose(m.apply({"params": params}, x)["logits"], seq, atol=1e-6)
   np.testing.assert_allclose(g, s, atol=1e-6)
+  with pytest.raises(ValueError, match="original order only"):  # never silently ignored
+    m.clone(impl="sequential").apply({"params": model_lib.unstack(params)}, x, np.arange(DEPTH)[::-1].copy())
   # running layers one by one by hand gives the same as the gathered order
   assert np.abs(g - seq).max() > 1e-4
 
