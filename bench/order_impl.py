@@ -1,4 +1,4 @@
-"""How to run layers in a runtime order: 'gather' (scan), 'unrolled', 'switch' vs the plain
+"""How to run layers in a runtime order: 'gather' (scan), 'unrolled', 'permute', 'switch' vs the plain
 sequential model.
 
 Measures, in one process, training-step time (median of repeats, forward+backward+Adam)
@@ -66,7 +66,7 @@ def main():
   args = ap.parse_args()
   rows = [measure("sequential", args, False), measure("gather", args, False),
           measure("gather", args, True), measure("unrolled", args, True),
-          measure("switch", args, True)]
+          measure("permute", args, True), measure("switch", args, True)]
   ref = rows[0]
   print(f"{args.name} at {args.image}, batch {args.batch}, {jax.devices()[0].platform}, "
         f"jax {jax.__version__}, median of {args.steps} steps")

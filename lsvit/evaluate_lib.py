@@ -377,7 +377,8 @@ def analysis_data(ev, run: TrainedRun, layer: int, images: int, chunk: int = 50)
   params = jax.tree.map(jnp.asarray, run.params)
   rng = ev.rng(13)
   src = ev.loader.source
-  pick = rng.choice(len(src), min(images, len(src)), replace=False)
+  # More passes than validation images: images repeat, each time in a fresh order.
+  pick = rng.choice(len(src), images, replace=images > len(src))
   orders = order_lib.random_orders(rng, len(pick), depth)
   feats, positions, contribs = [], [], []
   for i in range(0, len(pick), chunk):
@@ -396,6 +397,31 @@ def analysis_data(ev, run: TrainedRun, layer: int, images: int, chunk: int = 50)
   return np.concatenate(feats), np.concatenate(positions), by_layer
 
 
+def contribution_distance_spearman(by_layer) -> float:
+  """Spearman rho between |position - original position| and the layer's contribution
+  (normalised by the layer's largest): negative when layers withhold their output away
+  from home, as the paper finds for LayerShuffle (Fig. 4d)."""
+  from scipy.stats import spearmanr
+  dist, val = [], []
+  for l, row in enumerate(by_layer):
+    top = max((max(c) for c in row if c), default=1.0) or 1.0
+    for p, c in enumerate(row):
+      dist += [abs(p - l)] * len(c)
+      val += [v / top for v in c]
+  return float(spearmanr(dist, val).statistic)
+
+
+def position_knn_accuracy(embedding, positions, seed: int = 0) -> float:
+  """How well the position a layer ran at can be read off the 2-D UMAP picture
+  (10-nearest-neighbours, 5-fold cross-validation); chance is 1/depth."""
+  from sklearn.model_selection import StratifiedKFold, KFold, cross_val_score
+  from sklearn.neighbors import KNeighborsClassifier
+  counts = np.bincount(positions)
+  folds = (StratifiedKFold(5, shuffle=True, random_state=seed) if counts[counts > 0].min() >= 5
+           else KFold(5, shuffle=True, random_state=seed))
+  return float(cross_val_score(KNeighborsClassifier(10), embedding, positions, cv=folds).mean())
+
+
 def mode_analysis(ev, runs, layer: int = 0, images: int = 1000, out: Optional[str] = None, **_):
   from lsvit import plots
   results = []
@@ -409,8 +435,11 @@ def mode_analysis(ev, runs, layer: int = 0, images: int = 1000, out: Optional[st
   if out:
     files.append(plots.umap_panels(results, layer, os.path.join(out, "analysis_umap.png")))
     files.append(plots.ridge_panels(results, os.path.join(out, "analysis_contributions.png")))
-  return {"mode": "analysis", "layer": layer, "images": int(min(images, len(ev.loader.source))),
+  return {"mode": "analysis", "layer": layer, "images": int(images),
+          "distinct_images": int(min(images, len(ev.loader.source))),
           "runs": [{"workdir": x["workdir"], "setting": x["setting"],
+                    "contribution_distance_spearman": contribution_distance_spearman(x["contributions"]),
+                    "position_knn_accuracy": position_knn_accuracy(x["embedding"], x["positions"], ev.seed),
                     "mean_contribution": [[float(np.mean(c)) if c else None for c in row]
                                           for row in x["contributions"]],
                     "positions_seen": np.bincount(x["positions"], minlength=len(x["contributions"])).tolist()}

@@ -129,6 +129,34 @@ class Block(nn.Module):
     return x, pos_logits
 
 
+@jax.custom_vjp
+def permute_layers(stack, order):
+  """``stack[order]`` for every leaf: the layers in execution order, gathered once.
+
+  The gradient is the inverse gather when ``order`` is a permutation of all layers
+  (training), instead of the generic scatter-add XLA would emit; a shorter (pruned)
+  order scatters into zeros."""
+  return jax.tree.map(lambda a: jnp.take(a, order, axis=0), stack)
+
+
+def _permute_fwd(stack, order):
+  return permute_layers(stack, order), (order, jax.tree.map(lambda a: a.shape[0], stack))
+
+
+def _permute_bwd(res, g):
+  order, sizes = res
+
+  def back(g, n):
+    if order.shape[0] == n:  # a permutation (orders are validated): invert it
+      return jnp.take(g, jnp.argsort(order), axis=0)
+    return jnp.zeros((n,) + g.shape[1:], g.dtype).at[order].add(g)
+
+  return jax.tree.map(back, g, sizes), None
+
+
+permute_layers.defvjp(_permute_fwd, _permute_bwd)
+
+
 class Encoder(nn.Module):
   """Runs the stacked blocks in ``order``. The one place layers are executed."""
   depth: int
@@ -167,14 +195,14 @@ class Encoder(nn.Module):
     else:
       apply_layer = lambda idx, x, p: run_block(take(idx), x, p)
 
-    def step(x, inputs):
+    def step(x, inputs, params=None):
       position, idx, act = inputs
+      layer = ((lambda x: apply_layer(idx, x, position)) if params is None
+               else (lambda x: run_block(params, x, position)))
       if active is None:
-        y, pos_logits = apply_layer(idx, x, position)
+        y, pos_logits = layer(x)
       else:  # LayerDrop: a skipped layer costs nothing and passes x through.
-        y, pos_logits = jax.lax.cond(
-            act, lambda x: apply_layer(idx, x, position),
-            lambda x: (x, _no_pos_logits(block, x)), x)
+        y, pos_logits = jax.lax.cond(act, layer, lambda x: (x, _no_pos_logits(block, x)), x)
       return y, {"pos_logits": pos_logits, "hidden": y if capture else None}
 
     if self.remat:
@@ -194,6 +222,14 @@ class Encoder(nn.Module):
         x = y if active is None else jnp.where(act[i], y, x)
         outs.append({"pos_logits": pos_logits, "hidden": x if capture else None})
       return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if self.impl == "permute":  # gather the stack into execution order once, then static slices
+      perm = permute_layers(stack, order)
+      outs = []
+      for i in range(n):
+        x, out = step(x, (i, i, act[i]), jax.tree.map(lambda a: a[i], perm))
+        outs.append(out)
+      aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
+      return x, aux
     if self.impl == "unrolled":  # a Python loop over positions fetching order[i] by dynamic index
       outs = []
       for i in range(n):

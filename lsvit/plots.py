@@ -7,17 +7,16 @@ import os
 import numpy as np
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+def _figure(**kw):
+  """A figure outside pyplot: no global backend switch (notebooks keep theirs), no leaks."""
+  from matplotlib.figure import Figure
+  return Figure(**kw)
 
 
 def prune_plot(result: dict, path: str) -> str:
   """Top-1 vs layers kept, one line per setting, sequential and arbitrary panels."""
-  plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  fig = _figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2, sharey=True)
   for ax, kind in zip(axes, ("sequential", "arbitrary")):
     for name, s in sorted(result["settings"].items()):
       ks = sorted(int(k[1:].split("_")[0]) for k in s if k.endswith("_" + kind))
@@ -36,20 +35,21 @@ def prune_plot(result: dict, path: str) -> str:
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
 def umap_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
+  import warnings
   import umap
+  warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
   n = len(features)
   reducer = umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_components=2)
   return reducer.fit_transform(np.asarray(features, np.float32))
 
 
 def umap_panels(results, layer: int, path: str) -> str:
-  plt = _plt()
-  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.6), squeeze=False)
+  fig = _figure(figsize=(6 * len(results), 4.6))
+  axes = fig.subplots(1, len(results), squeeze=False)
   for ax, r in zip(axes[0], results):
     depth = len(r["contributions"])
     sc = ax.scatter(r["embedding"][:, 0], r["embedding"][:, 1], c=r["positions"], cmap="viridis",
@@ -59,18 +59,17 @@ def umap_panels(results, layer: int, path: str) -> str:
     fig.colorbar(sc, ax=ax, label="position (dark = near input)")
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
 def ridge_panels(results, path: str) -> str:
   """One ridge per layer (original order, top to bottom), a histogram per position
   (colour), of the contribution norm normalised by that layer's largest one."""
-  plt = _plt()
-  cmap = plt.get_cmap("viridis")
+  import matplotlib
+  cmap = matplotlib.colormaps["viridis"]
   depth = len(results[0]["contributions"])
-  fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 0.55 * depth + 1.5),
-                           squeeze=False)
+  fig = _figure(figsize=(5.5 * len(results), 0.55 * depth + 1.5))
+  axes = fig.subplots(1, len(results), squeeze=False)
   for ax, r in zip(axes[0], results):
     table = r["contributions"]
     bins = np.linspace(0, 1, 41)
@@ -93,5 +92,4 @@ def ridge_panels(results, path: str) -> str:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path

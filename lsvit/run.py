@@ -62,7 +62,7 @@ def quiet_logs():
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)
   for name in ("absl", "orbax", "jax._src.distributed"):
-    logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(config, workdir: str) -> int:

@@ -42,8 +42,9 @@ class TrainingDiverged(RuntimeError):
 def model_config(config, num_classes: int) -> dict:
   """The model fields of ``config`` (decoded 'B/16' name, variant, dtype, depth kept)."""
   cfg = dict(config.model)
-  if cfg.get("name"):
-    cfg = {**model_lib.decode_variant(cfg.pop("name")), **cfg}
+  name = cfg.pop("name", "")  # "" or absent: the dimensions are given field by field
+  if name:
+    cfg = {**model_lib.decode_variant(name), **cfg}
   cfg.update(variant=config.variant, pos_table=config.get("pos_table", "shared"),
              dtype=config.get("compute_dtype", "float32"))
   if config.get("keep_layers"):

@@ -1,0 +1,319 @@
+"""The paper's experiment grid at small scale, in one resumable command.
+
+  python -m lsvit.reproduce --preset digits            # ~50 min on 2 CPU cores
+  python -m lsvit.reproduce --preset tiny --out /tmp/r  # a 2-minute smoke run
+
+Every run is an ordinary ``train.py`` workdir under ``--out`` (a finished run has a
+``summary.json`` and is skipped when the command is re-run; an interrupted one resumes
+from its checkpoint). Runs go to ``--workers`` processes, each pinned to its own CPU
+cores: these models are too small for one process to keep two cores busy, so on 2 cores
+two single-core processes train ~1.4x faster than one two-core process (measured).
+The evaluations then produce the paper's tables and figures (``evaluate_lib``) and
+``lsvit/results.py`` writes ``RESULTS.md`` from their JSON, beside the paper's numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("baseline", "layershuffle", "position", "predict", "layerdrop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """One grid. ``overrides`` apply to every run (``--config.<key>=<value>``)."""
+  config: str
+  pretrain_epochs: int
+  pretrain_lr: float
+  epochs: int
+  lr: float
+  depth: int
+  seeds: int = 5                     # per variant (Table 1, Fig. 1b/c)
+  merge_runs: int = 0                # layershuffle and baseline runs for merging; 0: depth
+  keep: Sequence[int] = (3, 6, 9)    # reduced-depth refinements (Fig. 1b/c)
+  keep_seeds: int = 5
+  analysis_images: int = 1000        # Fig. 4 (an image may be drawn several times, new order)
+  batch_size: int = 0                # refinements' batch; 0: the config's
+  overrides: Sequence[str] = ()
+
+
+PRESETS: Dict[str, Preset] = {
+    # 12 layers as ViT-B/16. Refinement recipe chosen by measurement (layershuffle, seed 0,
+    # from this pretraining, sequential / arbitrary top-1, one single-core process each):
+    #   30 ep lr 3e-3 batch 64  68.8 / 70.1     40 ep lr 2e-3 batch 64  83.3 / 84.1
+    #   30 ep lr 2e-3 batch 64  78.0 / 76.9     30 ep lr 2e-3 batch 32  86.4 / 86.0  <- (~95 s)
+    # configs/digits.py's 60 ep lr 1e-3 batch 64 (84.1 / 88.8) would make the grid ~90 min.
+    "digits": Preset("configs/digits.py", pretrain_epochs=30, pretrain_lr=1e-3, epochs=30, lr=2e-3,
+                     depth=12, batch_size=32),
+    # The whole pipeline in ~2 minutes, for tests and notebooks: 4 layers of width 32.
+    "tiny": Preset("configs/digits.py", pretrain_epochs=3, pretrain_lr=2e-3, epochs=1, lr=2e-3,
+                   depth=4, seeds=2, keep=(2,), keep_seeds=1, analysis_images=200,
+                   overrides=("model.width=32", "model.mlp_dim=64", "model.num_heads=2",
+                              "eval_orders=2")),
+}
+
+
+@dataclasses.dataclass
+class Job:
+  name: str
+  args: List[str]
+  cost: float          # relative compute: epochs x layers
+  needs_pretrain: bool = True
+
+
+def plan(p: Preset, out: str) -> List[Job]:
+  """Every training run of the grid, pretraining first."""
+  common = [f"--config.{o}" for o in p.overrides] + [f"--config.model.depth={p.depth}",
+                                                     "--config.pretrain_epochs=0", "--config.progress=False"]
+  pre = os.path.join(out, "pretrain")
+  jobs = [Job("pretrain", common + ["--config.variant=baseline", "--config.init_from=",
+                                    f"--config.num_epochs={p.pretrain_epochs}",
+                                    f"--config.optimizer.lr={p.pretrain_lr}"],
+              p.pretrain_epochs * p.depth, needs_pretrain=False)]
+  refine = common + [f"--config.init_from={pre}", f"--config.num_epochs={p.epochs}",
+                     f"--config.optimizer.lr={p.lr}"]
+  if p.batch_size:
+    refine.append(f"--config.batch_size={p.batch_size}")
+  merge_runs = max(p.merge_runs or p.depth, p.seeds)
+  for v in VARIANTS:
+    n = merge_runs if v in ("baseline", "layershuffle") else p.seeds
+    for s in range(n):
+      jobs.append(Job(f"{v}_seed{s}", refine + [f"--config.variant={v}", f"--config.seed={s}"],
+                      p.epochs * p.depth))
+  for k in p.keep:
+    for s in range(p.keep_seeds):
+      jobs.append(Job(f"baseline_keep{k}_seed{s}",
+                      refine + ["--config.variant=baseline", f"--config.keep_layers={k}",
+                                f"--config.seed={s}"], p.epochs * k))
+  return jobs
+
+
+def done(out: str, job: Job) -> bool:
+  return os.path.exists(os.path.join(out, job.name, "summary.json"))
+
+
+def _cores() -> List[int]:
+  try:
+    return sorted(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return list(range(os.cpu_count() or 1))
+
+
+class Pool:
+  """``workers`` train.py processes at a time, each pinned to its share of the cores."""
+
+  def __init__(self, out: str, config: str, workers: int):
+    cores = _cores()
+    self.workers = max(1, min(workers, len(cores)))
+    per = len(cores) // self.workers
+    self.slots = [cores[i * per:(i + 1) * per] for i in range(self.workers)]
+    self.out, self.config = out, config
+    self.running: Dict[int, tuple] = {}  # slot -> (job, Popen, log file, start)
+
+  def start(self, slot: int, job: Job, all_cores: bool = False):
+    cores = sum(self.slots, []) if all_cores else self.slots[slot]
+    env = dict(os.environ)
+    if len(cores) == 1:  # one thread per process; the pinning does the rest
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                          " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
+    log = open(os.path.join(self.out, "logs", f"{job.name}.log"), "a")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, self.config)}",
+           f"--workdir={os.path.join(self.out, job.name)}", *job.args]
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    pre = (lambda: os.sched_setaffinity(0, cores)) if hasattr(os, "sched_setaffinity") else None
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            preexec_fn=pre)
+    self.running[slot] = (job, proc, log, time.time())
+
+  def free_slot(self) -> Optional[int]:
+    for s in range(self.workers):
+      if s not in self.running:
+        return s
+    return None
+
+  def poll(self):
+    """Finished (job, returncode, seconds) since the last call."""
+    finished = []
+    for slot, (job, proc, log, t0) in list(self.running.items()):
+      rc = proc.poll()
+      if rc is not None:
+        log.close()
+        del self.running[slot]
+        finished.append((job, rc, time.time() - t0))
+    return finished
+
+  def stop(self):
+    for job, proc, log, _ in self.running.values():
+      proc.terminate()
+    for job, proc, log, _ in self.running.values():
+      proc.wait()
+      log.close()
+    self.running.clear()
+
+
+class RunFailed(RuntimeError):
+  pass
+
+
+def _tail(path: str, n: int = 15) -> str:
+  try:
+    with open(path) as f:
+      return "".join(f.readlines()[-n:])
+  except OSError:
+    return ""
+
+
+def train_all(jobs: List[Job], out: str, config: str, workers: int, progress: bool = True,
+              log=print) -> Dict[str, float]:
+  """Runs the jobs not yet done; returns seconds per job run now. Stops starting new jobs
+  at the first failure and raises with its log's tail."""
+  todo = [j for j in jobs if not done(out, j)]
+  skipped = len(jobs) - len(todo)
+  if skipped:
+    log(f"{skipped} of {len(jobs)} runs already finished in {out}; skipping them")
+  if not todo:
+    return {}
+  pool = Pool(out, config, workers)
+  log(f"training {len(todo)} runs, {pool.workers} at a time (cores {pool.slots}); "
+      f"logs in {out}/logs/")
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=sum(j.cost for j in todo), desc="grid", unit="layer-epoch", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} layer-epochs [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+  seconds: Dict[str, float] = {}
+  failed = None
+  queue = list(todo)
+  try:
+    while queue or pool.running:
+      while queue and not failed and pool.free_slot() is not None:
+        job = queue[0]
+        if job.needs_pretrain and any(j.name == "pretrain" for j in todo) and \
+            not done(out, next(j for j in jobs if j.name == "pretrain")):
+          if pool.running:
+            break  # the refinements wait for the pretrained model
+          raise RunFailed("pretraining did not finish; see " + os.path.join(out, "logs", "pretrain.log"))
+        job = queue.pop(0)  # the pretraining runs alone: give it every core
+        pool.start(pool.free_slot(), job, all_cores=not job.needs_pretrain)
+      if failed and not pool.running:
+        break
+      time.sleep(0.5)
+      for job, rc, sec in pool.poll():
+        seconds[job.name] = sec
+        if rc != 0 or not done(out, job):
+          failed = failed or (job, rc)
+        if bar is not None:
+          bar.update(job.cost)
+          bar.set_postfix_str(f"{len(seconds)}/{len(todo)} runs, last {job.name} {sec:.0f}s")
+  except KeyboardInterrupt:
+    pool.stop()
+    raise
+  finally:
+    if bar is not None:
+      bar.close()
+  if failed:
+    job, rc = failed
+    path = os.path.join(out, "logs", f"{job.name}.log")
+    raise RunFailed(f"run {job.name} failed (exit {rc}); re-running the command resumes it. "
+                    f"Last lines of {path}:\n{_tail(path)}")
+  return seconds
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_all(p: Preset, out: str, progress: bool = True, log=print) -> Dict[str, dict]:
+  """The paper's evaluations, each into ``<out>/eval/<name>/`` (JSON, markdown, figures)."""
+  from lsvit import evaluate_lib
+  merge_runs = max(p.merge_runs or p.depth, p.seeds)
+  seeds = range(p.seeds)
+  w = lambda name: os.path.join(out, name)
+  per_variant = [w(f"{v}_seed{s}") for v in VARIANTS for s in seeds]
+  keep = [w(f"baseline_keep{k}_seed{s}") for k in p.keep for s in range(p.keep_seeds)]
+  ev = os.path.join(out, "eval")
+  steps = [
+      ("table1", "sequential", per_variant, {}),
+      ("table1", "arbitrary", per_variant, {"orders": 5}),
+      ("pretrained", "sequential", [w("pretrain")], {}),
+      ("pretrained", "arbitrary", [w("pretrain")], {"orders": 5}),
+      ("prune", "prune", [w(f"{v}_seed{s}") for v in ("baseline", "layershuffle", "layerdrop")
+                          for s in seeds] + keep, {"ks": sorted(set(p.keep) | {p.depth}), "draws": 5}),
+      ("merge_layershuffle", "merge", [w(f"layershuffle_seed{s}") for s in range(merge_runs)],
+       {"merges": 100}),
+      ("merge_baseline", "merge", [w(f"baseline_seed{s}") for s in range(merge_runs)], {"merges": 100}),
+      ("ensemble_layershuffle", "ensemble", [w(f"layershuffle_seed{s}") for s in range(merge_runs)], {}),
+      ("position", "position", [w(f"predict_seed{s}") for s in seeds], {"orders": 5}),
+      # Fig. 4: the original (pretrained) model as the paper's baseline, and a LayerShuffle run.
+      ("analysis", "analysis", [w("pretrain"), w("layershuffle_seed0")],
+       {"layer": 0, "images": p.analysis_images}),
+  ]
+  results: Dict[str, dict] = {}
+  for name, mode, workdirs, opts in steps:
+    log(f"== evaluating {name}: {mode} over {len(workdirs)} runs")
+    res = evaluate_lib.run(workdirs, mode, os.path.join(ev, name), progress=progress,
+                           log=lambda *a, **k: None, **opts)
+    results.setdefault(name, {})[mode] = res[mode]
+  return results
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+  ap.add_argument("--out", help="runs and evaluations (default: runs/reproduce_<preset>)")
+  ap.add_argument("--results", help="the report to write (default: RESULTS.md for digits, "
+                                    "<out>/RESULTS.md otherwise)")
+  ap.add_argument("--workers", type=int, default=len(_cores()),
+                  help="training processes at once (default: one per core)")
+  ap.add_argument("--dry_run", action="store_true", help="list the runs and exit")
+  ap.add_argument("--no_progress", action="store_true")
+  args = ap.parse_args(argv)
+  p = PRESETS[args.preset]
+  out = os.path.abspath(args.out or os.path.join(ROOT, "runs", f"reproduce_{args.preset}"))
+  results_path = args.results or (os.path.join(ROOT, "RESULTS.md") if args.preset == "digits"
+                                  else os.path.join(out, "RESULTS.md"))
+  jobs = plan(p, out)
+  if args.dry_run:
+    for j in jobs:
+      print(f"{'done' if done(out, j) else 'todo'}  {j.name:28s} {' '.join(j.args)}")
+    return 0
+  os.makedirs(out, exist_ok=True)
+  from lsvit.run import quiet_logs
+  quiet_logs()
+  t0 = time.time()
+  timing_path = os.path.join(out, "timing.json")
+  timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {"train_s": {}}
+  try:
+    timing["train_s"].update(train_all(jobs, out, p.config, args.workers, not args.no_progress))
+  except RunFailed as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted; re-run the same command to resume", file=sys.stderr)
+    return 130
+  finally:
+    with open(timing_path, "w") as f:
+      json.dump(timing, f, indent=1)
+  t1 = time.time()
+  results = evaluate_all(p, out, not args.no_progress)
+  timing["last_invocation"] = {"train_s": t1 - t0, "eval_s": time.time() - t1,
+                               "workers": args.workers}
+  with open(timing_path, "w") as f:
+    json.dump(timing, f, indent=1)
+  from lsvit import results as results_lib
+  cmd = "python -m lsvit.reproduce --preset " + args.preset + (f" --out {args.out}" if args.out else "")
+  path = results_lib.write(results, p, args.preset, out, results_path, cmd, timing)
+  print(f"wrote {path} (figures in {os.path.join(os.path.dirname(path), results_lib.figure_dir(args.preset))})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
