@@ -265,6 +265,19 @@ def evaluate_all(p: Preset, out: str, progress: bool = True, log=print) -> Dict[
   return results
 
 
+def load_results(out: str):
+  """The evaluation JSON and timing a previous invocation stored under ``out``."""
+  ev = os.path.join(out, "eval")
+  results: Dict[str, dict] = {}
+  for name in sorted(os.listdir(ev)):
+    for f in sorted(os.listdir(os.path.join(ev, name))):
+      if f.endswith(".json"):
+        with open(os.path.join(ev, name, f)) as fh:
+          results.setdefault(name, {})[f[:-5]] = json.load(fh)
+  with open(os.path.join(out, "timing.json")) as fh:
+    return results, json.load(fh)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", default="digits", choices=sorted(PRESETS))
@@ -274,6 +287,8 @@ def main(argv=None) -> int:
   ap.add_argument("--workers", type=int, default=len(_cores()),
                   help="training processes at once (default: one per core)")
   ap.add_argument("--dry_run", action="store_true", help="list the runs and exit")
+  ap.add_argument("--report_only", action="store_true",
+                  help="rewrite the report from the stored evaluation JSON (no training, no evaluation)")
   ap.add_argument("--no_progress", action="store_true")
   args = ap.parse_args(argv)
   p = PRESETS[args.preset]
@@ -284,6 +299,16 @@ def main(argv=None) -> int:
   if args.dry_run:
     for j in jobs:
       print(f"{'done' if done(out, j) else 'todo'}  {j.name:28s} {' '.join(j.args)}")
+    return 0
+  cmd = "python -m lsvit.reproduce --preset " + args.preset + (f" --out {args.out}" if args.out else "")
+  from lsvit import results as results_lib
+  if args.report_only:
+    try:
+      results, timing = load_results(out)
+    except FileNotFoundError as e:
+      print(f"error: no stored evaluation ({e.filename}); run without --report_only first", file=sys.stderr)
+      return 1
+    print("wrote " + results_lib.write(results, p, args.preset, out, results_path, cmd, timing))
     return 0
   os.makedirs(out, exist_ok=True)
   from lsvit.run import quiet_logs
@@ -308,8 +333,6 @@ def main(argv=None) -> int:
                                "workers": args.workers}
   with open(timing_path, "w") as f:
     json.dump(timing, f, indent=1)
-  from lsvit import results as results_lib
-  cmd = "python -m lsvit.reproduce --preset " + args.preset + (f" --out {args.out}" if args.out else "")
   path = results_lib.write(results, p, args.preset, out, results_path, cmd, timing)
   print(f"wrote {path} (figures in {os.path.join(os.path.dirname(path), results_lib.figure_dir(args.preset))})")
   return 0
