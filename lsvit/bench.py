@@ -79,7 +79,7 @@ def jitted_train_step(model, tx, x, y):
   update on a fixed batch, the layer order passed as data; buffers donated."""
   def step(params, opt, order):
     def loss(p):
-      logits = model.apply({"params": p}, x, order)["logits"]
+      logits = model.apply({"params": p}, x, order, train=True)["logits"]
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     g = jax.grad(loss)(params)
     u, opt = tx.update(g, opt, params)
@@ -87,7 +87,7 @@ def jitted_train_step(model, tx, x, y):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def lsvit_steps(s, batch, impl="gather"):
+def lsvit_steps(s, batch, impl="permute"):
   kw = {k: v for k, v in s.items() if k != "batch"}
   seq = model_lib.build(dict(kw, num_classes=CLASSES, impl="sequential"))
   shuf = model_lib.build(dict(kw, num_classes=CLASSES, impl=impl))
@@ -100,7 +100,7 @@ def lsvit_steps(s, batch, impl="gather"):
   return (seq, shuf, params, tx, jitted_train_step(seq, tx, x, y), jitted_train_step(shuf, tx, x, y), x)
 
 
-def lsvit_programs(s, rng, count_orders, impl="gather"):
+def lsvit_programs(s, rng, count_orders, impl="permute"):
   """Timed closures (n steps each) for lsvit, its compiled memory, and a compile counter."""
   seq, shuf, params, tx, seq_step, shuf_step, x = lsvit_steps(s, s["batch"], impl)
   depth = s["depth"]
@@ -204,7 +204,7 @@ def bench_merge(models, repeats):
 
 # ----------------------------------------------------------------------------- report
 
-def run(setups, merge_models, merge_repeats, impl="gather"):
+def run(setups, merge_models, merge_repeats, impl="permute"):
   rng = np.random.default_rng(0)
   peak = peak_matmul()
   results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -273,7 +273,7 @@ def markdown(res) -> str:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
-  ap.add_argument("--impl", default="gather", help="lsvit's order implementation (model.impl)")
+  ap.add_argument("--impl", default="permute", help="lsvit's order implementation (model.impl)")
   ap.add_argument("--json", default="bench/results/bench.json")
   ap.add_argument("--markdown", default="bench/results/bench.md")
   args = ap.parse_args(argv)

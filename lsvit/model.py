@@ -3,13 +3,14 @@
 The encoder blocks' parameters are stacked on a leading layer axis under
 ``encoderblock`` (the big_vision "scan" layout; inner names match the original
 ViT ``.npz`` checkpoints). A forward pass takes ``order``, an int array of layer
-indices, and runs ``lax.scan`` over it, fetching block ``order[i]``'s parameters
-by indexing the stack. So:
+indices, and runs block ``order[i]`` at position i by indexing the stack. So:
   * one compiled program serves every order of a given length (no retracing);
   * a pruned model is a shorter order, a merged model is a gathered stack.
 
-Implementation choice (``impl``), measured by ``bench/order_impl.py`` on this
-project's 2-core CPU, recorded in BENCHMARKS.md: 'gather' (default) indexes the
+Implementation choice (``impl``), measured by ``bench/order_impl.py`` against the plain
+model on this project's 2-core CPU, recorded in BENCHMARKS.md: 'permute' (default)
+gathers the stack into execution order once per forward pass (its gradient is the
+inverse gather) and runs the layers unrolled on static slices; 'gather' indexes the
 stack inside a ``lax.scan``; 'unrolled' indexes it in an unrolled loop; 'switch'
 dispatches with ``lax.switch`` over L branches; 'sequential' is the plain model
 (separate per-layer parameters, original order only), the reference.
@@ -161,7 +162,7 @@ class Encoder(nn.Module):
   """Runs the stacked blocks in ``order``. The one place layers are executed."""
   depth: int
   block: Block
-  impl: str = "gather"
+  impl: str = "permute"
   remat: bool = False
 
   @nn.compact
@@ -222,7 +223,10 @@ class Encoder(nn.Module):
         x = y if active is None else jnp.where(act[i], y, x)
         outs.append({"pos_logits": pos_logits, "hidden": x if capture else None})
       return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    if self.impl == "permute":  # gather the stack into execution order once, then static slices
+    # 'permute' in training: gather the stack into execution order once, then static slices.
+    # Without training a forward needs no gradient, and indexing the stack inside the scan
+    # avoids copying the parameters (measured faster for inference; same arithmetic).
+    if self.impl == "permute" and train:
       perm = permute_layers(stack, order)
       outs = []
       for i in range(n):
@@ -274,7 +278,7 @@ class ViT(nn.Module):
   attn_dropout: float = 0.0
   ln_eps: float = 1e-6
   head_zeroinit: bool = True
-  impl: str = "gather"
+  impl: str = "permute"
   attention: str = "xla"
   remat: bool = False
   dtype: Any = jnp.float32

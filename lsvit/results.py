@@ -200,6 +200,15 @@ def _arch(results) -> str:
   return next(iter(results["table1"]["sequential"]["settings"])).split(" (", 1)[1].rstrip(")")
 
 
+def _impl(out: str) -> str:
+  import json
+  try:
+    with open(os.path.join(out, "pretrain", "config.json")) as f:
+      return json.load(f)["model"]["impl"]
+  except (OSError, KeyError):
+    return "?"
+
+
 def _batch(preset) -> str:
   return str(preset.batch_size or 64)
 
@@ -315,7 +324,7 @@ def write(results: dict, preset, name: str, out: str, path: str, command: str, t
       f"- Data: scikit-learn's real 8x8 handwritten digits (1,438 train / 359 validation, 10 classes, "
       f"chance 10 %), the stand-in for ImageNet2012 / CIFAR-100.",
       f"- Model: {_arch(results)} ({preset.depth} layers as ViT-B/16; `{preset.config}` with "
-      f"{', '.join(preset.overrides) or 'no overrides'}).",
+      f"{', '.join(preset.overrides) or 'no overrides'}; trained with impl='{_impl(out)}').",
       f"- Stand-in for the public pretrained checkpoint: a sequential model trained from scratch "
       f"({preset.pretrain_epochs} epochs, lr {preset.pretrain_lr:g}), the `pretrained` column. Every other "
       f"run refines it for {preset.epochs} epochs at lr {preset.lr:g} (Adam, linear decay, clip 1.0, "

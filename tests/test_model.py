@@ -55,7 +55,7 @@ def test_gather_switch_sequential_agree():
   g = m.apply({"params": params}, x, order)["logits"]
   s = m.clone(impl="switch").apply({"params": params}, x, order)["logits"]
   u = m.clone(impl="unrolled").apply({"params": params}, x, order)["logits"]
-  pm = m.clone(impl="permute").apply({"params": params}, x, order)["logits"]
+  pm = m.clone(impl="permute").apply({"params": params}, x, order, train=True)["logits"]
   np.testing.assert_allclose(g, u, atol=1e-6)
   np.testing.assert_allclose(g, pm, atol=1e-6)
   np.testing.assert_allclose(m.apply({"params": params}, x)["logits"], seq, atol=1e-6)
@@ -73,9 +73,9 @@ def test_permute_gradient_matches_gather(order):
   params = model_lib.init_params(m)
   x = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
   order = jnp.asarray(order, jnp.int32)
-  loss = lambda mm: (lambda p: (mm.apply({"params": p}, x, order)["logits"] ** 2).sum())
-  ref = jax.grad(loss(m))(params)
-  got = jax.grad(loss(m.clone(impl="permute")))(params)
+  loss = lambda mm, **kw: (lambda p: (mm.apply({"params": p}, x, order, **kw)["logits"] ** 2).sum())
+  ref = jax.grad(loss(m.clone(impl="gather")))(params)
+  got = jax.grad(loss(m.clone(impl="permute"), train=True))(params)  # the training path
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):  # f32 summation order differs
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
   unused = np.setdiff1d(np.arange(DEPTH), np.asarray(order))
