@@ -128,11 +128,11 @@ class Pool:
     log = open(os.path.join(self.out, "logs", f"{job.name}.log"), "a")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, self.config)}",
            f"--workdir={os.path.join(self.out, job.name)}", *job.args]
+    if shutil.which("taskset"):  # pin without a preexec_fn (fork hooks in a threaded JAX parent)
+      cmd = ["taskset", "-c", ",".join(map(str, cores))] + cmd
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    pre = (lambda: os.sched_setaffinity(0, cores)) if hasattr(os, "sched_setaffinity") else None
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                            preexec_fn=pre)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     self.running[slot] = (job, proc, log, time.time())
 
   def free_slot(self) -> Optional[int]:

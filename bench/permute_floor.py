@@ -1,0 +1,93 @@
+"""What `impl='permute'` must pay on XLA CPU: one copy of the block parameters into
+execution order (forward) and its inverse (backward), timed alone, beside the plain
+model's training step. If the copies alone cost X% of a step, a shuffled step cannot be
+faster than 1 + X% of the plain one while a matmul cannot read its weight at a runtime
+offset in place.
+
+  python bench/permute_floor.py [--name S/16 --image 224 --batch 4]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lsvit import bench
+from lsvit import model as model_lib
+
+
+def timed(fn, args, n):
+  jax.block_until_ready(fn(*args))
+  out = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--name", default="S/16")
+  ap.add_argument("--image", type=int, default=224)
+  ap.add_argument("--patch", type=int)
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--json")
+  args = ap.parse_args()
+  cfg = dict(name=args.name, image_size=args.image, num_classes=100)
+  if args.patch:
+    cfg["patch_size"] = args.patch
+  plain = model_lib.build(dict(cfg, impl="sequential"))
+  shuf = model_lib.build(dict(cfg, impl="permute"))
+  stacked = model_lib.init_params(shuf)
+  params = model_lib.unstack(stacked)
+  depth = shuf.depth
+  tx = optax.adam(1e-4)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.image, args.image, 3)), jnp.float32)
+  y = jnp.zeros((args.batch,), jnp.int32)
+  step = bench.jitted_train_step(plain, tx, x, y)
+  stack = stacked["Transformer"]["encoderblock"]
+  order = jnp.asarray(np.random.default_rng(0).permutation(depth), jnp.int32)
+
+  @jax.jit
+  def copies(stack, order):  # forward gather and the backward's inverse gather, nothing else
+    out, vjp = jax.vjp(lambda s: model_lib.permute_layers(s, order), stack)
+    return vjp(out)[0]
+
+  opt = tx.init(params)
+  ident = jnp.arange(depth, dtype=jnp.int32)
+  rows = {"plain_step": [], "copies": []}
+  state = [params, opt]
+
+  def one_step():
+    state[0], state[1] = step(state[0], state[1], ident)
+    return state[0]
+
+  jax.block_until_ready(one_step())
+  jax.block_until_ready(copies(stack, order))
+  for _ in range(args.steps):  # interleaved
+    t = time.perf_counter()
+    jax.block_until_ready(one_step())
+    rows["plain_step"].append(time.perf_counter() - t)
+    rows["copies"] += timed(copies, (stack, order), 1)
+  nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(stack))
+  med = {k: float(np.median(v)) for k, v in rows.items()}
+  res = {"args": vars(args), "block_param_MiB": nbytes / 2**20, "median_s": med,
+         "copies_over_step": med["copies"] / med["plain_step"]}
+  print(f"{args.name} @{args.image}, batch {args.batch}: block parameters {nbytes / 2**20:.1f} MiB; "
+        f"plain step {med['plain_step'] * 1e3:.1f} ms, gather + inverse gather alone "
+        f"{med['copies'] * 1e3:.1f} ms = {100 * res['copies_over_step']:.1f}% of a step")
+  if args.json:
+    json.dump(res, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()
