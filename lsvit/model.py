@@ -228,9 +228,14 @@ class Encoder(nn.Module):
     # avoids copying the parameters (measured faster for inference; same arithmetic).
     if self.impl == "permute" and train:
       perm = permute_layers(stack, order)
+      # Split, not a[i]: the gradient of a split is one concatenate, while the gradients of
+      # L static slices are L zero-padded full stacks summed (O(L^2) traffic).
+      parts = jax.tree.map(lambda a: [jnp.squeeze(p, 0) for p in jnp.split(a, n, axis=0)], perm)
+      layers = [jax.tree.map(lambda _, ps: ps[i], stack, parts,
+                             is_leaf=lambda t: isinstance(t, list)) for i in range(n)]
       outs = []
       for i in range(n):
-        x, out = step(x, (i, i, act[i]), jax.tree.map(lambda a: a[i], perm))
+        x, out = step(x, (i, i, act[i]), layers[i])
         outs.append(out)
       aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
       return x, aux
