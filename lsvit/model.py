@@ -9,8 +9,8 @@ indices, and runs block ``order[i]`` at position i by indexing the stack. So:
 
 Implementation choice (``impl``), measured by ``bench/order_impl.py`` against the plain
 model on this project's 2-core CPU, recorded in BENCHMARKS.md: 'permute' (default)
-gathers the stack into execution order once per forward pass (its gradient is the
-inverse gather) and runs the layers unrolled on static slices; 'gather' indexes the
+gathers the stack into execution order once per training forward pass (its gradient is the
+inverse gather) and runs the layers unrolled on one split of it; 'gather' indexes the
 stack inside a ``lax.scan``; 'unrolled' indexes it in an unrolled loop; 'switch'
 dispatches with ``lax.switch`` over L branches; 'sequential' is the plain model
 (separate per-layer parameters, original order only), the reference.
@@ -223,7 +223,7 @@ class Encoder(nn.Module):
         x = y if active is None else jnp.where(act[i], y, x)
         outs.append({"pos_logits": pos_logits, "hidden": x if capture else None})
       return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    # 'permute' in training: gather the stack into execution order once, then static slices.
+    # 'permute' in training: gather the stack into execution order once, then split per layer.
     # Without training a forward needs no gradient, and indexing the stack inside the scan
     # avoids copying the parameters (measured faster for inference; same arithmetic).
     if self.impl == "permute" and train:
