@@ -44,6 +44,11 @@ class Preset:
   batch_size: int = 0                # refinements' batch; 0: the config's
   overrides: Sequence[str] = ()
 
+  @property
+  def merge_count(self) -> int:
+    """Baseline and layershuffle runs: enough to merge all layers, and at least ``seeds``."""
+    return max(self.merge_runs or self.depth, self.seeds)
+
 
 PRESETS: Dict[str, Preset] = {
     # 12 layers as ViT-B/16. Refinement recipe chosen by measurement (layershuffle, seed 0,
@@ -82,9 +87,8 @@ def plan(p: Preset, out: str) -> List[Job]:
                      f"--config.optimizer.lr={p.lr}"]
   if p.batch_size:
     refine.append(f"--config.batch_size={p.batch_size}")
-  merge_runs = max(p.merge_runs or p.depth, p.seeds)
   for v in VARIANTS:
-    n = merge_runs if v in ("baseline", "layershuffle") else p.seeds
+    n = p.merge_count if v in ("baseline", "layershuffle") else p.seeds
     for s in range(n):
       jobs.append(Job(f"{v}_seed{s}", refine + [f"--config.variant={v}", f"--config.seed={s}"],
                       p.epochs * p.depth))
@@ -193,13 +197,13 @@ def train_all(jobs: List[Job], out: str, config: str, workers: int, progress: bo
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} layer-epochs [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
   seconds: Dict[str, float] = {}
   failed = None
+  pretrain = next((j for j in todo if not j.needs_pretrain), None)  # still to run, if at all
   queue = list(todo)
   try:
     while queue or pool.running:
       while queue and not failed and pool.free_slot() is not None:
         job = queue[0]
-        if job.needs_pretrain and any(j.name == "pretrain" for j in todo) and \
-            not done(out, next(j for j in jobs if j.name == "pretrain")):
+        if job.needs_pretrain and pretrain is not None and not done(out, pretrain):
           if pool.running:
             break  # the refinements wait for the pretrained model
           raise RunFailed("pretraining did not finish; see " + os.path.join(out, "logs", "pretrain.log"))
@@ -234,7 +238,7 @@ def train_all(jobs: List[Job], out: str, config: str, workers: int, progress: bo
 def evaluate_all(p: Preset, out: str, progress: bool = True, log=print) -> Dict[str, dict]:
   """The paper's evaluations, each into ``<out>/eval/<name>/`` (JSON, markdown, figures)."""
   from lsvit import evaluate_lib
-  merge_runs = max(p.merge_runs or p.depth, p.seeds)
+  merge_runs = p.merge_count
   seeds = range(p.seeds)
   w = lambda name: os.path.join(out, name)
   per_variant = [w(f"{v}_seed{s}") for v in VARIANTS for s in seeds]

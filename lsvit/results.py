@@ -328,7 +328,7 @@ def write(results: dict, preset, name: str, out: str, path: str, command: str, t
       f"- Stand-in for the public pretrained checkpoint: a sequential model trained from scratch "
       f"({preset.pretrain_epochs} epochs, lr {preset.pretrain_lr:g}), the `pretrained` column. Every other "
       f"run refines it for {preset.epochs} epochs at lr {preset.lr:g} (Adam, linear decay, clip 1.0, "
-      f"batch {_batch(preset)}), {preset.seeds} seeds per approach, {max(preset.merge_runs or preset.depth, preset.seeds)} "
+      f"batch {_batch(preset)}), {preset.seeds} seeds per approach, {preset.merge_count} "
       f"baseline and LayerShuffle runs for merging, reduced-depth refinements keeping "
       f"{', '.join(map(str, preset.keep))} layers ({preset.keep_seeds} seeds).",
       f"- Arbitrary order: 5 passes over the validation split, a fresh random order for every batch "
