@@ -21,7 +21,7 @@ def get_config():
 
   c.model = ml_collections.ConfigDict(dict(
       name="B/16", num_classes=0, image_size=224, channels=3, distilled=False,
-      dropout=0.0, attn_dropout=0.0, ln_eps=1e-12, impl="permute", attention="xla", remat=False))
+      dropout=0.0, attn_dropout=0.0, ln_eps=1e-12, impl="fetch", attention="xla", remat=False))
   c.init_from = "hf:google/vit-base-patch16-224"  # hf:/timm:/npz: source, a converted dir or a workdir
   c.compute_dtype = "bfloat16"
 

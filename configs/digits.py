@@ -25,7 +25,7 @@ def get_config():
   c.init_from = ""
   c.model = ml_collections.ConfigDict(dict(
       width=64, depth=12, mlp_dim=128, num_heads=4, patch_size=2, image_size=8, channels=1,
-      num_classes=10, distilled=False, dropout=0.0, attn_dropout=0.0, ln_eps=1e-6, impl="permute",
+      num_classes=10, distilled=False, dropout=0.0, attn_dropout=0.0, ln_eps=1e-6, impl="fetch",
       attention="xla", remat=False))
   c.compute_dtype = "float32"
   c.data = ml_collections.ConfigDict(dict(

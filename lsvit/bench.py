@@ -87,7 +87,7 @@ def jitted_train_step(model, tx, x, y):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def lsvit_steps(s, batch, impl="permute"):
+def lsvit_steps(s, batch, impl="fetch"):
   kw = {k: v for k, v in s.items() if k != "batch"}
   seq = model_lib.build(dict(kw, num_classes=CLASSES, impl="sequential"))
   shuf = model_lib.build(dict(kw, num_classes=CLASSES, impl=impl))
@@ -100,7 +100,7 @@ def lsvit_steps(s, batch, impl="permute"):
   return (seq, shuf, params, tx, jitted_train_step(seq, tx, x, y), jitted_train_step(shuf, tx, x, y), x)
 
 
-def lsvit_programs(s, rng, count_orders, impl="permute"):
+def lsvit_programs(s, rng, count_orders, impl="fetch"):
   """Timed closures (n steps each) for lsvit, its compiled memory, and a compile counter."""
   seq, shuf, params, tx, seq_step, shuf_step, x = lsvit_steps(s, s["batch"], impl)
   depth = s["depth"]
@@ -204,7 +204,7 @@ def bench_merge(models, repeats):
 
 # ----------------------------------------------------------------------------- report
 
-def run(setups, merge_models, merge_repeats, impl="permute"):
+def run(setups, merge_models, merge_repeats, impl="fetch"):
   rng = np.random.default_rng(0)
   peak = peak_matmul()
   results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -273,7 +273,7 @@ def markdown(res) -> str:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
-  ap.add_argument("--impl", default="permute", help="lsvit's order implementation (model.impl)")
+  ap.add_argument("--impl", default="fetch", help="lsvit's order implementation (model.impl)")
   ap.add_argument("--json", default="bench/results/bench.json")
   ap.add_argument("--markdown", default="bench/results/bench.md")
   args = ap.parse_args(argv)

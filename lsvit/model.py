@@ -8,12 +8,15 @@ indices, and runs block ``order[i]`` at position i by indexing the stack. So:
   * a pruned model is a shorter order, a merged model is a gathered stack.
 
 Implementation choice (``impl``), measured by ``bench/order_impl.py`` against the plain
-model on this project's 2-core CPU, recorded in BENCHMARKS.md: 'permute' (default)
-gathers the stack into execution order once per training forward pass (its gradient is the
-inverse gather) and runs the layers unrolled on one split of it; 'gather' indexes the
-stack inside a ``lax.scan``; 'unrolled' indexes it in an unrolled loop; 'switch'
-dispatches with ``lax.switch`` over L branches; 'sequential' is the plain model
-(separate per-layer parameters, original order only), the reference.
+model on this project's 2-core CPU, recorded in BENCHMARKS.md: 'fetch' (default) copies
+each layer's weights out of the stack just before it runs, forward and backward, with a
+hand-written backward that keeps no weights (the plain model's time and memory);
+'permute' gathers the whole stack into execution order once per training step (same time,
+9-15% more memory); 'gather' indexes the stack inside a ``lax.scan``; 'unrolled' indexes
+it in an unrolled loop; 'switch' dispatches with ``lax.switch`` over L branches;
+'sequential' is the plain model (separate per-layer parameters, original order only), the
+reference. Without training (no backward) 'fetch' and 'permute' index inside the scan as
+'gather' does: no copies, measured faster.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsvit import order as order_lib
+
+IMPLS = ("fetch", "permute", "gather", "unrolled", "switch", "sequential")
 
 # name -> (width, depth, mlp_dim, heads); big_vision's table.
 SIZES = {
@@ -158,11 +163,103 @@ def _permute_bwd(res, g):
 permute_layers.defvjp(_permute_fwd, _permute_bwd)
 
 
+def _layer(stack, idx):
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, idx, 0, keepdims=False), stack)
+
+
+def _after(x, idx):
+  """``idx``, made to depend on ``x``, so that a layer's weights are copied out of the stack
+  only once ``x`` exists, and a backward copy is never merged with the forward's (which
+  would keep every layer's copy alive). ``fetch_layers`` passes the previous layer's input:
+  the copy for layer i then overlaps layer i-1's work (measured 2% faster at Ti/16, 32 px,
+  than waiting for layer i's own input) and at most two copies are alive. Elsewhere
+  ``optimization_barrier`` says this; XLA's CPU pipeline drops it, and its scheduler then
+  copies every layer at the start and keeps them all (forward temporary memory 21.7 vs
+  2.1 MiB at Ti/16, 32 px), so on CPU the dependency is a zero computed from x that the
+  simplifier cannot see through (under data parallelism it costs a scalar reduction per
+  layer, which is why other backends keep the barrier)."""
+  if jax.default_backend() != "cpu":
+    return jax.lax.optimization_barrier((x, idx))[1]
+  bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+  return idx + jnp.minimum(jnp.abs(jax.lax.shift_right_arithmetic(bits, 31)), 0)
+
+
+class _Saved:
+  """A layer's pullback with its weights taken out (re-read from the stack when needed)."""
+
+  def __init__(self, leaves, static):
+    self.leaves, self.static = leaves, static
+
+
+jax.tree_util.register_pytree_node(_Saved, lambda s: (s.leaves, s.static),
+                                   lambda static, leaves: _Saved(list(leaves), static))
+
+
+def fetch_layers(layer_fn, n):
+  """``layer_fn(weights, shared, x, i, extras) -> (x, out)`` run for i < n on layer ``order[i]``.
+
+  Each layer's weights are copied out of the stack as it is about to run, forward and again
+  backward, and are not kept in between: the backward saves activations only. So a
+  runtime order costs the plain model's memory plus about two layers (measured 1.02x at
+  S/16, 1.04x at Ti/16 32 px), where ``permute_layers`` keeps a permuted copy of every
+  layer through the step (1.09x, 1.15x); both take about the plain model's time.
+  ``shared`` (the position table) gets the summed gradient, ``order`` and ``extras`` (flags,
+  keys) none. Orders name each layer at most once (``order.check_order``)."""
+
+  def run(stack, shared, x, order, extras):
+    outs, prev = [], x
+    for i in range(n):
+      w = _layer(stack, _after(prev, order[i]))
+      prev = x
+      x, out = layer_fn(w, shared, x, i, extras)
+      outs.append(out)
+    return x, outs
+
+  def fwd(stack, shared, x, order, extras):
+    saved, outs, prev = [], [], x
+    for i in range(n):
+      w = _layer(stack, _after(prev, order[i]))
+      prev = x
+      (x, out), pullback = jax.vjp(lambda w, s, x: layer_fn(w, s, x, i, extras), w, shared, x)
+      leaves, treedef = jax.tree.flatten(pullback)
+      wl = jax.tree.leaves(w)
+      # The pullback holds the weights it multiplies by (found by identity): drop them.
+      slots = tuple(next((k for k, t in enumerate(wl) if t is leaf), -1) for leaf in leaves)
+      saved.append(_Saved([None if s >= 0 else leaf for leaf, s in zip(leaves, slots)],
+                          (treedef, slots)))
+      outs.append(out)
+    return (x, outs), (stack, order, saved)
+
+  def bwd(res, g):
+    stack, order, saved = res
+    gx, gouts = g
+    gws, gshared, prev = [], None, gx
+    for i in reversed(range(n)):
+      wl = jax.tree.leaves(_layer(stack, _after(prev, order[i])))
+      prev = gx
+      treedef, slots = saved[i].static
+      pullback = jax.tree.unflatten(treedef, [wl[s] if s >= 0 else leaf
+                                              for leaf, s in zip(saved[i].leaves, slots)])
+      gw, gs, gx = pullback((gx, gouts[i]))
+      gws.append(gw)
+      gshared = gs if gshared is None else jax.tree.map(jnp.add, gshared, gs)
+    # Gradients in execution order, stacked, then put in the stack's order (inverse gather).
+    # Tried: writing each into a zero stack in place, which XLA allocates at the start of
+    # the backward (+20 MiB at Ti/16, 32 px) for no gain in time.
+    gstack = jax.tree.map(lambda *g: jnp.stack(g[::-1]), *gws)
+    gstack = _permute_bwd((order, jax.tree.map(lambda a: a.shape[0], stack)), gstack)[0]
+    return gstack, gshared, gx, None, None
+
+  f = jax.custom_vjp(run)
+  f.defvjp(fwd, bwd)
+  return f
+
+
 class Encoder(nn.Module):
   """Runs the stacked blocks in ``order``. The one place layers are executed."""
   depth: int
   block: Block
-  impl: str = "permute"
+  impl: str = "fetch"
   remat: bool = False
 
   @nn.compact
@@ -181,10 +278,13 @@ class Encoder(nn.Module):
     stack = None if self.impl == "sequential" else self.param("encoderblock", init_stack)
     dropout_key = self.make_rng("dropout") if train and _uses_dropout(block) else None
 
-    def run_block(params, x, position):
-      rngs = {} if dropout_key is None else {"dropout": jax.random.fold_in(dropout_key, position)}
-      emb = None if shared_table is None else shared_table[position]
+    def run_block(params, x, position, table=shared_table, key=dropout_key):
+      rngs = {} if key is None else {"dropout": jax.random.fold_in(key, position)}
+      emb = None if table is None else table[position]
       return block.apply({"params": params}, x, position, emb, not train, rngs=rngs)
+
+    def skip(x):  # LayerDrop: a skipped layer costs nothing and passes x through.
+      return x, _no_pos_logits(block, x)
 
     def take(idx):
       return jax.tree.map(lambda a: jnp.asarray(a)[idx], stack)
@@ -200,10 +300,7 @@ class Encoder(nn.Module):
       position, idx, act = inputs
       layer = ((lambda x: apply_layer(idx, x, position)) if params is None
                else (lambda x: run_block(params, x, position)))
-      if active is None:
-        y, pos_logits = layer(x)
-      else:  # LayerDrop: a skipped layer costs nothing and passes x through.
-        y, pos_logits = jax.lax.cond(act, layer, lambda x: (x, _no_pos_logits(block, x)), x)
+      y, pos_logits = layer(x) if active is None else jax.lax.cond(act, layer, skip, x)
       return y, {"pos_logits": pos_logits, "hidden": y if capture else None}
 
     if self.remat:
@@ -223,9 +320,8 @@ class Encoder(nn.Module):
         x = y if active is None else jnp.where(act[i], y, x)
         outs.append({"pos_logits": pos_logits, "hidden": x if capture else None})
       return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    # 'permute' in training: gather the stack into execution order once, then split per layer.
-    # Without training a forward needs no gradient, and indexing the stack inside the scan
-    # avoids copying the parameters (measured faster for inference; same arithmetic).
+    # 'fetch' and 'permute' are training paths. Without training a forward needs no gradient,
+    # and indexing the stack inside the scan avoids copies (measured faster; same arithmetic).
     if self.impl == "permute" and train:
       perm = permute_layers(stack, order)
       # Split, not a[i]: the gradient of a split is one concatenate, while the gradients of
@@ -239,6 +335,19 @@ class Encoder(nn.Module):
         outs.append(out)
       aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
       return x, aux
+    if self.impl == "fetch" and train:
+      # The position table and dropout key go in as arguments: a custom gradient must not
+      # close over them.
+      def layer_fn(w, table, x, i, extras):
+        act, key = extras
+        layer = lambda x: run_block(w, x, i, table, key)
+        if self.remat:
+          layer = jax.checkpoint(layer)
+        y, pos_logits = layer(x) if active is None else jax.lax.cond(act[i], layer, skip, x)
+        return y, {"pos_logits": pos_logits, "hidden": y if capture else None}
+
+      x, outs = fetch_layers(layer_fn, n)(stack, shared_table, x, order, (act, dropout_key))
+      return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
     if self.impl == "unrolled":  # a Python loop over positions fetching order[i] by dynamic index
       outs = []
       for i in range(n):
@@ -283,7 +392,7 @@ class ViT(nn.Module):
   attn_dropout: float = 0.0
   ln_eps: float = 1e-6
   head_zeroinit: bool = True
-  impl: str = "permute"
+  impl: str = "fetch"
   attention: str = "xla"
   remat: bool = False
   dtype: Any = jnp.float32
@@ -307,6 +416,8 @@ class ViT(nn.Module):
     self.check_images(images)
     if self.variant not in order_lib.VARIANTS:
       raise ValueError(f"unknown variant {self.variant!r}; choose one of {order_lib.VARIANTS}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"unknown impl {self.impl!r}; choose one of {IMPLS} (see BENCHMARKS.md)")
     if order is None:
       order = jnp.arange(self.depth, dtype=jnp.int32)
     elif not isinstance(order, jax.core.Tracer):
