@@ -37,7 +37,7 @@ from lsvit import model as model_lib
 # name -> (model, batch, timed steps per repeat, repeats, random orders for the compile count)
 SETUPS = {
     "Ti/16 @32": (dict(width=192, depth=12, mlp_dim=768, num_heads=3, patch_size=16, image_size=32),
-                  64, 10, 5, 100),
+                  64, 10, 10, 100),
     "S/16 @224": (dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=16, image_size=224),
                   4, 3, 5, 0),
 }
