@@ -149,15 +149,21 @@ def _permute_fwd(stack, order):
   return permute_layers(stack, order), (order, jax.tree.map(lambda a: a.shape[0], stack))
 
 
-def _permute_bwd(res, g):
-  order, sizes = res
+def _unpermute(g, order, sizes):
+  """Per-layer values in execution order (``g``, stacked) -> the stack's order: the inverse
+  gather for a permutation of all layers, a scatter into zeros for a shorter order."""
 
   def back(g, n):
     if order.shape[0] == n:  # a permutation (orders are validated): invert it
       return jnp.take(g, jnp.argsort(order), axis=0)
     return jnp.zeros((n,) + g.shape[1:], g.dtype).at[order].add(g)
 
-  return jax.tree.map(back, g, sizes), None
+  return jax.tree.map(back, g, sizes)
+
+
+def _permute_bwd(res, g):
+  order, sizes = res
+  return _unpermute(g, order, sizes), None
 
 
 permute_layers.defvjp(_permute_fwd, _permute_bwd)
@@ -247,7 +253,7 @@ def fetch_layers(layer_fn, n):
     # Tried: writing each into a zero stack in place, which XLA allocates at the start of
     # the backward (+20 MiB at Ti/16, 32 px) for no gain in time.
     gstack = jax.tree.map(lambda *g: jnp.stack(g[::-1]), *gws)
-    gstack = _permute_bwd((order, jax.tree.map(lambda a: a.shape[0], stack)), gstack)[0]
+    gstack = _unpermute(gstack, order, jax.tree.map(lambda a: a.shape[0], stack))
     return gstack, gshared, gx, None, None
 
   f = jax.custom_vjp(run)
@@ -286,6 +292,10 @@ class Encoder(nn.Module):
     def skip(x):  # LayerDrop: a skipped layer costs nothing and passes x through.
       return x, _no_pos_logits(block, x)
 
+    def finish(layer, x, act):  # one position: the layer (or LayerDrop's skip) and its outputs
+      y, pos_logits = layer(x) if active is None else jax.lax.cond(act, layer, skip, x)
+      return y, {"pos_logits": pos_logits, "hidden": y if capture else None}
+
     def take(idx):
       return jax.tree.map(lambda a: jnp.asarray(a)[idx], stack)
 
@@ -300,8 +310,7 @@ class Encoder(nn.Module):
       position, idx, act = inputs
       layer = ((lambda x: apply_layer(idx, x, position)) if params is None
                else (lambda x: run_block(params, x, position)))
-      y, pos_logits = layer(x) if active is None else jax.lax.cond(act, layer, skip, x)
-      return y, {"pos_logits": pos_logits, "hidden": y if capture else None}
+      return finish(layer, x, act)
 
     if self.remat:
       step = jax.checkpoint(step)
@@ -341,10 +350,7 @@ class Encoder(nn.Module):
       def layer_fn(w, table, x, i, extras):
         act, key = extras
         layer = lambda x: run_block(w, x, i, table, key)
-        if self.remat:
-          layer = jax.checkpoint(layer)
-        y, pos_logits = layer(x) if active is None else jax.lax.cond(act[i], layer, skip, x)
-        return y, {"pos_logits": pos_logits, "hidden": y if capture else None}
+        return finish(jax.checkpoint(layer) if self.remat else layer, x, act[i])
 
       x, outs = fetch_layers(layer_fn, n)(stack, shared_table, x, order, (act, dropout_key))
       return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
