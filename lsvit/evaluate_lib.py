@@ -402,12 +402,12 @@ def contribution_distance_spearman(by_layer) -> float:
   (normalised by the layer's largest): negative when layers withhold their output away
   from home, as the paper finds for LayerShuffle (Fig. 4d)."""
   from scipy.stats import spearmanr
+  from lsvit import plots
   dist, val = [], []
   for l, row in enumerate(by_layer):
-    top = max((max(c) for c in row if c), default=1.0) or 1.0
-    for p, c in enumerate(row):
+    for p, c in enumerate(plots.per_layer_normalised(row)):
       dist += [abs(p - l)] * len(c)
-      val += [v / top for v in c]
+      val += c.tolist()
   return float(spearmanr(dist, val).statistic)
 
 
@@ -531,17 +531,20 @@ def _jsonable(x):
   return x
 
 
-def run(workdirs, mode: str, out: Optional[str] = None, batch_size: Optional[int] = None,
+def run(workdirs, mode, out: Optional[str] = None, batch_size: Optional[int] = None,
         seed: int = 0, progress: bool = True, log=print, **opts) -> Dict[str, Any]:
-  """Evaluates the runs in ``workdirs`` (globs allowed) in ``mode``; writes
-  ``<out>/<mode>.json``, ``<out>/<mode>.md``, figures, and ``<out>/tables.md``."""
-  if mode not in MODES:
-    raise EvalError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+  """Evaluates the runs in ``workdirs`` (globs allowed) in ``mode`` (a name, or a list of
+  names sharing one checkpoint load and compilation); writes ``<out>/<mode>.json``,
+  ``<out>/<mode>.md``, figures, and ``<out>/tables.md`` (every mode's table)."""
+  asked = [mode] if isinstance(mode, str) else list(mode)
+  for m in asked:
+    if m not in MODES:
+      raise EvalError(f"unknown mode {m!r}; choose one of {', '.join(MODES)}")
   runs = load_runs(workdirs)
   out = out or os.path.join(runs[0].workdir, "eval")
   os.makedirs(out, exist_ok=True)
   ev = Evaluator(runs, batch_size, seed, progress)
-  modes = applicable_modes(runs) if mode == "all" else [mode]
+  modes = applicable_modes(runs) if mode == "all" else asked
   results: Dict[str, Any] = {}
   tables = []
   for m in modes:

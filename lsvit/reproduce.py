@@ -245,10 +245,8 @@ def evaluate_all(p: Preset, out: str, progress: bool = True, log=print) -> Dict[
   keep = [w(f"baseline_keep{k}_seed{s}") for k in p.keep for s in range(p.keep_seeds)]
   ev = os.path.join(out, "eval")
   steps = [
-      ("table1", "sequential", per_variant, {}),
-      ("table1", "arbitrary", per_variant, {"orders": 5}),
-      ("pretrained", "sequential", [w("pretrain")], {}),
-      ("pretrained", "arbitrary", [w("pretrain")], {"orders": 5}),
+      ("table1", ("sequential", "arbitrary"), per_variant, {"orders": 5}),
+      ("pretrained", ("sequential", "arbitrary"), [w("pretrain")], {"orders": 5}),
       ("prune", "prune", [w(f"{v}_seed{s}") for v in ("baseline", "layershuffle", "layerdrop")
                           for s in seeds] + keep, {"ks": sorted(set(p.keep) | {p.depth}), "draws": 5}),
       ("merge_layershuffle", "merge", [w(f"layershuffle_seed{s}") for s in range(merge_runs)],
@@ -261,11 +259,12 @@ def evaluate_all(p: Preset, out: str, progress: bool = True, log=print) -> Dict[
        {"layer": 0, "images": p.analysis_images}),
   ]
   results: Dict[str, dict] = {}
-  for name, mode, workdirs, opts in steps:
-    log(f"== evaluating {name}: {mode} over {len(workdirs)} runs")
-    res = evaluate_lib.run(workdirs, mode, os.path.join(ev, name), progress=progress,
+  for name, modes, workdirs, opts in steps:
+    modes = (modes,) if isinstance(modes, str) else modes
+    log(f"== evaluating {name}: {', '.join(modes)} over {len(workdirs)} runs")
+    res = evaluate_lib.run(workdirs, modes, os.path.join(ev, name), progress=progress,
                            log=lambda *a, **k: None, **opts)
-    results.setdefault(name, {})[mode] = res[mode]
+    results[name] = {m: res[m] for m in modes}
   return results
 
 

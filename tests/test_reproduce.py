@@ -42,6 +42,8 @@ def test_tiny_preset_end_to_end(tmp_path):
             "table1_arbitrary.json", "merge_layershuffle_merge.json", "ensemble_layershuffle_ensemble.json"):
     assert (figs / f).exists(), f
   assert f"docs/results/tiny/prune_prune.png" in text
+  tables = (out / "eval" / "table1" / "tables.md").read_text()  # both modes, one evaluation
+  assert "**sequential order**" in tables and "**arbitrary order**" in tables
   merged = json.load(open(figs / "merge_layershuffle_merge.json"))
   assert len(merged["models"]) == 100 and merged["runs"] == 4
   # every rule row says yes or no, computed from the numbers
