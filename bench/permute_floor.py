@@ -17,20 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from lsvit import bench
+from bench import order_impl
 from lsvit import model as model_lib
-
-
-def timed(fn, args, n):
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    out.append(time.perf_counter() - t)
-  return out
 
 
 def main():
@@ -42,42 +31,27 @@ def main():
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--json")
   args = ap.parse_args()
-  cfg = dict(name=args.name, image_size=args.image, num_classes=100)
+  # The plain model's training step, set up as bench/order_impl.py does.
+  _, plain_step, plain_times, _ = order_impl.program("sequential", args, False)
+  cfg = dict(name=args.name, image_size=args.image, num_classes=100, impl="permute")
   if args.patch:
     cfg["patch_size"] = args.patch
-  plain = model_lib.build(dict(cfg, impl="sequential"))
-  shuf = model_lib.build(dict(cfg, impl="permute"))
-  stacked = model_lib.init_params(shuf)
-  params = model_lib.unstack(stacked)
-  depth = shuf.depth
-  tx = optax.adam(1e-4)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.image, args.image, 3)), jnp.float32)
-  y = jnp.zeros((args.batch,), jnp.int32)
-  step = bench.jitted_train_step(plain, tx, x, y)
-  stack = stacked["Transformer"]["encoderblock"]
-  order = jnp.asarray(np.random.default_rng(0).permutation(depth), jnp.int32)
+  shuf = model_lib.build(cfg)
+  stack = model_lib.init_params(shuf)["Transformer"]["encoderblock"]
+  order = jnp.asarray(np.random.default_rng(0).permutation(shuf.depth), jnp.int32)
 
   @jax.jit
   def copies(stack, order):  # forward gather and the backward's inverse gather, nothing else
     out, vjp = jax.vjp(lambda s: model_lib.permute_layers(s, order), stack)
     return vjp(out)[0]
 
-  opt = tx.init(params)
-  ident = jnp.arange(depth, dtype=jnp.int32)
-  rows = {"plain_step": [], "copies": []}
-  state = [params, opt]
-
-  def one_step():
-    state[0], state[1] = step(state[0], state[1], ident)
-    return state[0]
-
-  jax.block_until_ready(one_step())
   jax.block_until_ready(copies(stack, order))
+  rows = {"plain_step": plain_times, "copies": []}
   for _ in range(args.steps):  # interleaved
+    plain_step(1)
     t = time.perf_counter()
-    jax.block_until_ready(one_step())
-    rows["plain_step"].append(time.perf_counter() - t)
-    rows["copies"] += timed(copies, (stack, order), 1)
+    jax.block_until_ready(copies(stack, order))
+    rows["copies"].append(time.perf_counter() - t)
   nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(stack))
   med = {k: float(np.median(v)) for k, v in rows.items()}
   res = {"args": vars(args), "block_param_MiB": nbytes / 2**20, "median_s": med,

@@ -62,6 +62,13 @@ def umap_panels(results, layer: int, path: str) -> str:
   return path
 
 
+def per_layer_normalised(row):
+  """One layer's contributions by position, each divided by the layer's largest (so layers
+  of different scales compare); shared by the Fig. 4d plot and its Spearman statistic."""
+  top = max((max(c) for c in row if c), default=1.0) or 1.0
+  return [np.asarray(c, dtype=float) / top for c in row]
+
+
 def ridge_panels(results, path: str) -> str:
   """One ridge per layer (original order, top to bottom), a histogram per position
   (colour), of the contribution norm normalised by that layer's largest one."""
@@ -75,9 +82,7 @@ def ridge_panels(results, path: str) -> str:
     bins = np.linspace(0, 1, 41)
     for l in range(depth):
       base = depth - 1 - l
-      top = max((max(c) for c in table[l] if c), default=1.0) or 1.0
-      for p in range(depth):
-        vals = np.asarray(table[l][p]) / top
+      for p, vals in enumerate(per_layer_normalised(table[l])):
         if len(vals) < 2:
           continue
         h, edges = np.histogram(vals, bins=bins, density=True)
