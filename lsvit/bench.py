@@ -13,6 +13,10 @@ One process, same machine, model size, batch and threads. For each setup it repo
    Training FLOPs per image = 3 x forward, forward = 2 x multiply-adds:
    N P^2 C D (patches) + L [T (4 D^2 + 2 D M) + 2 T^2 D] (blocks) + D K (head),
    T = N + 1 tokens, D width, M MLP width, L layers, K classes.
+And, to show what figure 4 can reach at all: the floor of a training step on this
+machine, every matrix multiply of the step (read off its jaxpr: same shapes and
+contractions) run alone, with XLA and with torch, plus the Adam update alone. PyTorch's
+step time / the XLA floor is the most lsvit could reach with XLA's kernels.
 Every timing is repeated, interleaved between the compared programs; min/median/max.
 
   python -m lsvit.bench              # full (a few minutes on 2 cores)
@@ -138,6 +142,107 @@ def lsvit_programs(s, rng, count_orders, impl="fetch"):
   return programs, mem, lambda: (shuf_step._cache_size(), seen["orders"])
 
 
+# ----------------------------------------------------------------------------- step floor
+
+def step_matmuls(model, x, y, order):
+  """Every ``dot_general`` of a training step's forward and backward (the patch
+  embedding's convolutions, <1% of the FLOPs, left out): [(lhs shape, rhs shape,
+  dimension_numbers)], read off the jaxpr of the gradient."""
+  from jax.extend import core as jcore
+
+  def loss(p):
+    logits = model.apply({"params": p}, x, order, train=True)["logits"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  params = jax.eval_shape(lambda: model_lib.init_params(model))
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append((eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
+                      eqn.params["dimension_numbers"]))
+      for v in eqn.params.values():
+        for sub in v if isinstance(v, (list, tuple)) else [v]:
+          if isinstance(sub, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+            walk(getattr(sub, "jaxpr", sub))
+
+  walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  return found
+
+
+def matmul_flops(dots) -> float:
+  total = 0
+  for lhs, rhs, ((lc, rc), (lb, rb)) in dots:
+    batch = np.prod([lhs[i] for i in lb])
+    free_l = np.prod([d for i, d in enumerate(lhs) if i not in lc and i not in lb])
+    free_r = np.prod([d for i, d in enumerate(rhs) if i not in rc and i not in rb])
+    total += 2 * batch * free_l * free_r * np.prod([lhs[i] for i in lc])
+  return float(total)
+
+
+def _einsum_spec(lhs, rhs, dims):
+  """dot_general dimension numbers -> the einsum subscripts torch understands."""
+  (lc, rc), (lb, rb) = dims
+  letters = iter("abcdefghijklmnopqrstuvwxyz")
+  a = [next(letters) for _ in lhs]
+  b = [None] * len(rhs)
+  for i, j in zip(lc + lb, rc + rb):
+    b[j] = a[i]
+  b = [c or next(letters) for c in b]
+  out = ([a[i] for i in lb] + [c for i, c in enumerate(a) if i not in lc and i not in lb]
+         + [c for j, c in enumerate(b) if j not in rc and j not in rb])
+  return f"{''.join(a)},{''.join(b)}->{''.join(out)}"
+
+
+def floor_programs(s):
+  """Timed closures: the plain model's training-step matmuls alone under XLA and under
+  torch, and the Adam update alone (XLA). The matmuls are independent, so each library
+  may run them concurrently: a lower bound on any step that has to do them."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  model = model_lib.build(dict({k: v for k, v in s.items() if k != "batch"},
+                               num_classes=CLASSES, impl="sequential"))
+  x = jnp.zeros((s["batch"], s["image_size"], s["image_size"], 3), jnp.float32)
+  y = jnp.zeros((s["batch"],), jnp.int32)
+  params, tx = model_lib.init_params(model), optax.adam(1e-4, eps=1e-6)
+  dots = step_matmuls(model, x, y, jnp.arange(s["depth"], dtype=jnp.int32))
+  rng = np.random.default_rng(0)
+  ins = [(rng.normal(size=l).astype(np.float32), rng.normal(size=r).astype(np.float32))
+         for l, r, _ in dots]
+  xla_ins = jax.device_put(ins)
+  mm = jax.jit(lambda ins: [jax.lax.dot_general(a, b, d) for (a, b), (_, _, d) in zip(ins, dots)])
+  jax.block_until_ready(mm(xla_ins))
+  specs = [_einsum_spec(l, r, d) for l, r, d in dots]
+  t_ins = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in ins]
+  grads = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), params)
+  adam = jax.jit(lambda p, o: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(grads, o, p)),
+                 donate_argnums=(0, 1))
+  state = [jax.tree.map(jnp.copy, params)]
+  state.append(tx.init(state[0]))
+  state[:] = jax.block_until_ready(adam(*state))
+
+  def xla_mm(n):
+    for _ in range(n):
+      out = mm(xla_ins)
+    jax.block_until_ready(out)
+
+  def torch_mm(n):
+    with torch.no_grad():
+      for _ in range(n):
+        for spec, (a, b) in zip(specs, t_ins):
+          torch.einsum(spec, a, b)
+
+  def xla_adam(n):
+    for _ in range(n):
+      state[:] = adam(*state)
+    jax.block_until_ready(state)
+
+  torch_mm(1)
+  return ({"floor_xla_matmuls": xla_mm, "floor_torch_matmuls": torch_mm, "floor_xla_adam": xla_adam},
+          matmul_flops(dots), len(dots))
+
+
 # ----------------------------------------------------------------------------- PyTorch reference
 
 def torch_programs(s, rng):
@@ -216,7 +321,9 @@ def run(setups, merge_models, merge_repeats, impl="fetch"):
     print(f"== {name}: width {s['width']}, depth {s['depth']}, batch {batch}", flush=True)
     lsvit, mem, counter = lsvit_programs(s, rng, count_orders, impl)
     torch_p, torch_version = torch_programs(s, rng)
-    t = {k: np.asarray(v) for k, v in _interleaved({**lsvit, **torch_p}, steps, repeats).items()}
+    floor, mm_flops, mm_count = floor_programs(s)
+    t = {k: np.asarray(v) for k, v in _interleaved({**lsvit, **torch_p, **floor}, steps,
+                                                    repeats).items()}
     compiles, orders_seen = counter()
     results["machine"]["torch"] = torch_version
     b = batch
@@ -235,11 +342,24 @@ def run(setups, merge_models, merge_repeats, impl="fetch"):
     r["train_speedup_vs_torch"] = stats(t["torch_train"] / shuf)
     r["infer_speedup_vs_torch"] = stats(t["torch_infer"] / t["lsvit_infer"])
     r["mfu"] = stats(train_flops(s) * b / shuf / peak)
+    floor_s = t["floor_xla_matmuls"] + t["floor_xla_adam"]
+    r["floor"] = {"matmuls": mm_count, "matmul_flops": mm_flops,
+                  "xla_matmuls_s": stats(t["floor_xla_matmuls"]),
+                  "torch_matmuls_s": stats(t["floor_torch_matmuls"]),
+                  "xla_adam_s": stats(t["floor_xla_adam"]),
+                  "xla_matmul_flops_per_s": stats(mm_flops / t["floor_xla_matmuls"]),
+                  "torch_matmul_flops_per_s": stats(mm_flops / t["floor_torch_matmuls"]),
+                  # the most figure 4 could be with XLA's kernels: nothing but matmuls and Adam
+                  "ceiling_vs_torch": stats(t["torch_train"] / floor_s)}
     results["setups"][name] = r
     print(json.dumps({k: v for k, v in r.items() if k != "setup"}, indent=1), flush=True)
   if merge_models:
     results["merge"] = bench_merge(merge_models, merge_repeats)
   return results
+
+
+def _ms(st):
+  return {k: v * 1e3 for k, v in st.items()}
 
 
 def markdown(res) -> str:
@@ -259,6 +379,13 @@ def markdown(res) -> str:
           ("   inference lsvit ÷ PyTorch", "", lambda r: f(r["infer_speedup_vs_torch"], 2)),
           ("   lsvit inference images/s", "", lambda r: f(r["lsvit_infer_img_s"], 1)),
           ("   PyTorch inference images/s", "", lambda r: f(r["torch_infer_img_s"], 1)),
+          ("   floor: the step's matmuls alone, XLA, ms", "",
+           lambda r: f(_ms(r["floor"]["xla_matmuls_s"]), 1)),
+          ("   … the same matmuls alone, torch, ms", "",
+           lambda r: f(_ms(r["floor"]["torch_matmuls_s"]), 1)),
+          ("   … Adam update alone, XLA, ms", "", lambda r: f(_ms(r["floor"]["xla_adam_s"]), 1)),
+          ("   ceiling: PyTorch step ÷ (XLA matmuls + Adam)", "≥ 1.2 to be reachable",
+           lambda r: f(r["floor"]["ceiling_vs_torch"], 2)),
           ("6. training FLOP/s ÷ peak matmul", "≥ 0.60", lambda r: f(r["mfu"], 3))]
   for label, goal, fn in rows:
     lines.append(f"| {label} | {goal} | " + " | ".join(fn(r) for r in res["setups"].values()) + " |")

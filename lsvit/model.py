@@ -65,6 +65,14 @@ def fused_attention(query, key, value, bias=None, mask=None, dropout_rng=None,
   return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
 
 
+def gelu(x):
+  """Exact GELU in the form PyTorch computes it, x/2 (1 + erf(x/sqrt 2)). ``jax.nn.gelu``'s
+  exact form, x/2 erfc(-x/sqrt 2), lowers on XLA CPU to two branches with exponentials and
+  divisions: its forward and backward took 17 of 182 ms of a one-core Ti/16 32 px training
+  step, this form 7 ms (BENCHMARKS.md)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
+
+
 class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
@@ -77,7 +85,7 @@ class MlpBlock(nn.Module):
                               kernel_init=nn.initializers.xavier_uniform(),
                               bias_init=nn.initializers.normal(stddev=1e-6))
     x = dense(self.mlp_dim)(x)
-    x = nn.gelu(x, approximate=False)  # exact (erf) GELU, as HF "gelu" and the original ViT
+    x = gelu(x)  # exact (erf) GELU, as HF "gelu" and the original ViT
     x = nn.Dropout(self.dropout)(x, deterministic)
     return dense(d)(x)
 
@@ -110,7 +118,7 @@ class Block(nn.Module):
       h = ln(name="PositionProj_LayerNorm")(jnp.concatenate([x, emb], axis=-1))
       h = nn.Dense(x.shape[-1], dtype=self.dtype, name="PositionProj_Dense",
                    kernel_init=nn.initializers.xavier_uniform())(h)
-      h = nn.Dropout(self.dropout)(nn.gelu(h, approximate=False), deterministic)
+      h = nn.Dropout(self.dropout)(gelu(h), deterministic)
       x = x + h
 
     y = ln(name="LayerNorm_0")(x)

@@ -2,7 +2,13 @@ import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
 from lsvit import bench
+from lsvit import model as model_lib
 from tests.conftest import ROOT
 
 
@@ -11,6 +17,31 @@ def test_flop_formula_matches_the_known_vit_b16_figure():
   b16 = dict(width=768, depth=12, mlp_dim=3072, patch_size=16, image_size=224)
   assert abs(bench.forward_macs(b16, classes=1000) / 17.6e9 - 1) < 0.01
   assert bench.train_flops(b16, classes=1000) == 6 * bench.forward_macs(b16, classes=1000)
+
+
+def test_step_matmuls_are_the_analytic_flops_less_the_patch_convolution():
+  # Read off the jaxpr of a real training step: every dot_general of forward and backward.
+  s = dict(width=32, depth=3, mlp_dim=64, num_heads=2, patch_size=4, image_size=16)
+  model = model_lib.build(dict(s, num_classes=bench.CLASSES, impl="sequential"))
+  batch = 5
+  dots = bench.step_matmuls(model, jnp.zeros((batch, 16, 16, 3)), jnp.zeros((batch,), jnp.int32),
+                            jnp.arange(3))
+  conv = 3 * 2 * (16 // 4) ** 2 * 4 * 4 * 3 * 32  # patch embedding, forward + 2x backward
+  assert bench.matmul_flops(dots) == batch * (bench.train_flops(s) - conv)
+
+
+@pytest.mark.parametrize("lhs, rhs, dims", [
+    ((6, 4), (4, 5), (((1,), (0,)), ((), ()))),
+    ((6, 4), (6, 5), (((0,), (0,)), ((), ()))),                   # a weight gradient
+    ((2, 3, 4, 5), (2, 7, 4, 5), (((3,), (3,)), ((0, 2), (0, 2)))),  # attention, batch dims inside
+])
+def test_einsum_spec_is_the_dot_general(lhs, rhs, dims):
+  import torch
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=lhs).astype(np.float32), rng.normal(size=rhs).astype(np.float32)
+  ours = torch.einsum(bench._einsum_spec(lhs, rhs, dims), torch.from_numpy(a), torch.from_numpy(b))
+  np.testing.assert_allclose(ours.numpy(), np.asarray(jax.lax.dot_general(a, b, dims)),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
@@ -26,4 +57,8 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     s = setup[key]
     assert 0 < s["min"] <= s["median"] <= s["max"], key
   assert 0 < setup["memory_ratio"] < 10 and res["peak_f32_matmul_flops"] > 1e9
+  for key in ("xla_matmuls_s", "torch_matmuls_s", "xla_adam_s", "ceiling_vs_torch"):
+    s = setup["floor"][key]
+    assert 0 < s["min"] <= s["median"] <= s["max"], key
   assert "| 1. shuffled ÷ sequential step time | ≤ 1.02 |" in open(md).read()
+  assert "… the same matmuls alone, torch, ms | " in open(md).read()

@@ -154,6 +154,20 @@ def test_unknown_impl():
     m.clone(impl="fetchh").apply({"params": params}, jnp.ones((1, 8, 8, 1)))
 
 
+def test_gelu_is_pytorchs_exact_gelu():
+  """Our erf form against torch's exact GELU (the reference models use it), value and
+  derivative, including the far tails where erf saturates."""
+  import torch
+  x = np.linspace(-12, 12, 24001, dtype=np.float32)
+  t = torch.from_numpy(x).requires_grad_(True)
+  ref = torch.nn.functional.gelu(t)
+  ref.sum().backward()
+  np.testing.assert_allclose(np.asarray(model_lib.gelu(jnp.asarray(x))), ref.detach().numpy(),
+                             rtol=1e-6, atol=2e-6)
+  grad = jax.vmap(jax.grad(model_lib.gelu))(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(grad), t.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_variant_parameter_and_output_shapes():
   width, f = 32, 32
   p = model_lib.init_params(small(variant="position"))
