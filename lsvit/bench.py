@@ -216,11 +216,11 @@ def floor_programs(s):
   specs = [_einsum_spec(l, r, d) for l, r, d in dots]
   t_ins = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in ins]
   grads = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), params)
-  adam = jax.jit(lambda p, o: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(grads, o, p)),
+  adam = jax.jit(lambda p, o, g: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(g, o, p)),
                  donate_argnums=(0, 1))
   state = [jax.tree.map(jnp.copy, params)]
   state.append(tx.init(state[0]))
-  state[:] = jax.block_until_ready(adam(*state))
+  state[:] = jax.block_until_ready(adam(*state, grads))
 
   def xla_mm(n):
     for _ in range(n):
@@ -235,7 +235,7 @@ def floor_programs(s):
 
   def xla_adam(n):
     for _ in range(n):
-      state[:] = adam(*state)
+      state[:] = adam(*state, grads)
     jax.block_until_ready(state)
 
   torch_mm(1)

@@ -56,10 +56,11 @@ def test_gather_switch_sequential_agree():
   s = m.clone(impl="switch").apply({"params": params}, x, order)["logits"]
   u = m.clone(impl="unrolled").apply({"params": params}, x, order)["logits"]
   pm = m.clone(impl="permute").apply({"params": params}, x, order, train=True)["logits"]
-  np.testing.assert_allclose(g, u, atol=1e-6)
-  np.testing.assert_allclose(g, pm, atol=1e-6)
-  np.testing.assert_allclose(m.apply({"params": params}, x)["logits"], seq, atol=1e-6)
-  np.testing.assert_allclose(g, s, atol=1e-6)
+  # Different programs (scan, unrolled, switch) round f32 differently: ~1e-6 on logits ~0.5.
+  np.testing.assert_allclose(g, u, atol=5e-6)
+  np.testing.assert_allclose(g, pm, atol=5e-6)
+  np.testing.assert_allclose(m.apply({"params": params}, x)["logits"], seq, atol=5e-6)
+  np.testing.assert_allclose(g, s, atol=5e-6)
   with pytest.raises(ValueError, match="original order only"):  # never silently ignored
     m.clone(impl="sequential").apply({"params": model_lib.unstack(params)}, x, np.arange(DEPTH)[::-1].copy())
   # running layers one by one by hand gives the same as the gathered order
@@ -166,6 +167,23 @@ def test_gelu_is_pytorchs_exact_gelu():
                              rtol=1e-6, atol=2e-6)
   grad = jax.vmap(jax.grad(model_lib.gelu))(jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(grad), t.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout, broadcast", [(0.0, False), (0.3, False), (0.3, True)])
+def test_attention_is_flax_dot_product_attention(dropout, broadcast):
+  """Our head-major attention against flax's (which the transformers tests also pin), with
+  attention dropout drawn from the same key."""
+  import flax.linen as nn
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (3, 7, 2, 8)) for i in range(3))
+  kw = dict(dropout_rng=jax.random.PRNGKey(5), dropout_rate=dropout, broadcast_dropout=broadcast,
+            deterministic=dropout == 0.0)
+  ours = model_lib.attention(q, k, v, **kw)
+  ref = nn.dot_product_attention(q, k, v, **kw)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+  if dropout:
+    assert not np.allclose(ours, model_lib.attention(q, k, v))  # dropout did something
+  with pytest.raises(ValueError, match="no bias or mask"):
+    model_lib.attention(q, k, v, mask=jnp.ones((3, 2, 7, 7), bool))
 
 
 def test_variant_parameter_and_output_shapes():
