@@ -50,6 +50,11 @@ QUICK = {"Ti/4 @32 (quick)": (dict(width=64, depth=4, mlp_dim=128, num_heads=2, 
 CLASSES = 100
 
 
+def cores() -> int:
+  """Cores this process may use (``taskset -c 0 python -m lsvit.bench`` compares on one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def forward_macs(s, classes=CLASSES) -> float:
   n = (s["image_size"] // s["patch_size"]) ** 2
   t, d, m, l = n + 1, s["width"], s["mlp_dim"], s["depth"]
@@ -200,7 +205,7 @@ def floor_programs(s):
   torch, and the Adam update alone (XLA). The matmuls are independent, so each library
   may run them concurrently: a lower bound on any step that has to do them."""
   import torch
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(cores())
   model = model_lib.build(dict({k: v for k, v in s.items() if k != "batch"},
                                num_classes=CLASSES, impl="sequential"))
   x = jnp.zeros((s["batch"], s["image_size"], s["image_size"], 3), jnp.float32)
@@ -248,7 +253,7 @@ def floor_programs(s):
 def torch_programs(s, rng):
   import torch
   from transformers import ViTConfig, ViTForImageClassification
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(cores())
   cfg = ViTConfig(hidden_size=s["width"], num_hidden_layers=s["depth"], num_attention_heads=s["num_heads"],
                   intermediate_size=s["mlp_dim"], image_size=s["image_size"], patch_size=s["patch_size"],
                   num_labels=CLASSES, layer_norm_eps=1e-6)
@@ -312,7 +317,7 @@ def bench_merge(models, repeats):
 def run(setups, merge_models, merge_repeats, impl="fetch"):
   rng = np.random.default_rng(0)
   peak = peak_matmul()
-  results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+  results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": cores(),
                          "python": platform.python_version(), "jax": jax.__version__,
                          "device": str(jax.devices()[0])},
              "peak_f32_matmul_flops": peak, "impl": impl, "setups": {}}
@@ -401,13 +406,16 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
   ap.add_argument("--impl", default="fetch", help="lsvit's order implementation (model.impl)")
+  ap.add_argument("--setup", choices=list(SETUPS), action="append",
+                  help="only these setups (repeatable); default all, and the merge figure")
   ap.add_argument("--json", default="bench/results/bench.json")
   ap.add_argument("--markdown", default="bench/results/bench.md")
   args = ap.parse_args(argv)
   if args.quick:
     res = run(QUICK, merge_models=0, merge_repeats=1, impl=args.impl)
   else:
-    res = run(SETUPS, merge_models=100, merge_repeats=3, impl=args.impl)
+    chosen = {k: v for k, v in SETUPS.items() if not args.setup or k in args.setup}
+    res = run(chosen, merge_models=0 if args.setup else 100, merge_repeats=3, impl=args.impl)
   os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
   json.dump(res, open(args.json, "w"), indent=1)
   md = markdown(res)
