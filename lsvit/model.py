@@ -90,7 +90,7 @@ def gelu(x):
   """Exact GELU in the form PyTorch computes it, x/2 (1 + erf(x/sqrt 2)). ``jax.nn.gelu``'s
   exact form, x/2 erfc(-x/sqrt 2), lowers on XLA CPU to two branches with exponentials and
   divisions: its forward and backward took 17 of 182 ms of a one-core Ti/16 32 px training
-  step, this form 7 ms (BENCHMARKS.md)."""
+  step, this form 10 ms (BENCHMARKS.md)."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
 
 

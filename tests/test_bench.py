@@ -44,6 +44,19 @@ def test_einsum_spec_is_the_dot_general(lhs, rhs, dims):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_profile_step_attributes_ops_and_counts_matmul_flops():
+  from bench import profile_step
+  a, b = jnp.ones((6, 4)), jnp.ones((4, 5))
+  hlo = jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(a, b).compile().as_text()
+  assert 2 * 6 * 4 * 5 in {flops for _, flops in profile_step.hlo_ops(hlo).values()}
+  cat = profile_step.category
+  assert cat("jit(step)/jvp(ViT)/Transformer/block/MlpBlock_3/Dense_0/dot_general") == "dense matmuls"
+  assert cat("jit(step)/transpose(jvp(ViT))/Transformer/block/MlpBlock_3/Dense_1/transpose") == "dense matmuls"
+  assert cat("jit(step)/transpose(jvp(ViT))/Transformer/block/LayerNorm_0/mul") == "LayerNorm"
+  assert cat("jit(step)/jvp(ViT)/Transformer/block/MlpBlock_3/erf") == "MLP bias + GELU"
+  assert cat("jit(step)/add") == "optimizer (Adam)"
+
+
 def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
   out, md = tmp_path / "b.json", tmp_path / "b.md"
   r = subprocess.run([sys.executable, "-m", "lsvit.bench", "--quick", "--json", str(out),
