@@ -56,8 +56,9 @@ def decode_variant(name: str) -> dict:
               patch_size=int(m.group(2)))
 
 
-def attention(query, key, value, bias=None, mask=None, dropout_rng=None, dropout_rate=0.0,
-              broadcast_dropout=True, deterministic=True, dtype=None, **unused):
+def dot_product_attention(query, key, value, bias=None, mask=None, dropout_rng=None,
+                          dropout_rate=0.0, broadcast_dropout=True, deterministic=True, dtype=None,
+                          **unused):
   """Flax's ``dot_product_attention`` computed with the heads moved ahead of the tokens:
   the two attention matmuls then batch over leading dimensions, which XLA CPU runs without
   the transposes it inserts around flax's '...qhd,...khd->...hqk' (fwd+bwd per layer:
@@ -146,7 +147,7 @@ class Block(nn.Module):
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.attn_dropout,
         kernel_init=nn.initializers.xavier_uniform(), broadcast_dropout=False,
-        attention_fn=fused_attention if self.attention == "fused" else attention,
+        attention_fn=fused_attention if self.attention == "fused" else dot_product_attention,
         name="MultiHeadDotProductAttention_1")(y, y, deterministic=deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = x + y

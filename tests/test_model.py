@@ -177,13 +177,13 @@ def test_attention_is_flax_dot_product_attention(dropout, broadcast):
   q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (3, 7, 2, 8)) for i in range(3))
   kw = dict(dropout_rng=jax.random.PRNGKey(5), dropout_rate=dropout, broadcast_dropout=broadcast,
             deterministic=dropout == 0.0)
-  ours = model_lib.attention(q, k, v, **kw)
+  ours = model_lib.dot_product_attention(q, k, v, **kw)
   ref = nn.dot_product_attention(q, k, v, **kw)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
   if dropout:
-    assert not np.allclose(ours, model_lib.attention(q, k, v))  # dropout did something
+    assert not np.allclose(ours, model_lib.dot_product_attention(q, k, v))  # dropout did something
   with pytest.raises(ValueError, match="no bias or mask"):
-    model_lib.attention(q, k, v, mask=jnp.ones((3, 2, 7, 7), bool))
+    model_lib.dot_product_attention(q, k, v, mask=jnp.ones((3, 2, 7, 7), bool))
 
 
 def test_variant_parameter_and_output_shapes():
