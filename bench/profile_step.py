@@ -86,10 +86,9 @@ def main():
   ap.add_argument("--top", type=int, default=12, help="also list the N most expensive ops")
   args = ap.parse_args()
   model, batch = bench.SETUPS[args.setup][:2]
-  seq, shuf, params, tx, seq_step, shuf_step, _ = bench.lsvit_steps(dict(model), batch)
   key = "seq" if args.impl == "sequential" else "shuf"
-  if key == "shuf" and args.impl != "fetch":
-    seq, shuf, params, tx, seq_step, shuf_step, _ = bench.lsvit_steps(dict(model), batch, args.impl)
+  _, _, params, tx, seq_step, shuf_step, _ = bench.lsvit_steps(
+      dict(model), batch, "fetch" if key == "seq" else args.impl)
   step = seq_step if key == "seq" else shuf_step
   p, o = params[key], tx.init(params[key])
   order = jnp.arange(model["depth"], dtype=jnp.int32)

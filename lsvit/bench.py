@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from lsvit import model as model_lib
+from lsvit import reproduce
 
 # name -> (model, batch, timed steps per repeat, repeats, random orders for the compile count)
 SETUPS = {
@@ -52,7 +53,7 @@ CLASSES = 100
 
 def cores() -> int:
   """Cores this process may use (``taskset -c 0 python -m lsvit.bench`` compares on one)."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return len(reproduce.usable_cores())
 
 
 def forward_macs(s, classes=CLASSES) -> float:
@@ -206,11 +207,9 @@ def floor_programs(s):
   may run them concurrently: a lower bound on any step that has to do them."""
   import torch
   torch.set_num_threads(cores())
-  model = model_lib.build(dict({k: v for k, v in s.items() if k != "batch"},
-                               num_classes=CLASSES, impl="sequential"))
-  x = jnp.zeros((s["batch"], s["image_size"], s["image_size"], 3), jnp.float32)
+  model, _, params, tx, _, _, x = lsvit_steps(s, s["batch"])  # the plain model's set-up
+  params = params["seq"]
   y = jnp.zeros((s["batch"],), jnp.int32)
-  params, tx = model_lib.init_params(model), optax.adam(1e-4, eps=1e-6)
   dots = step_matmuls(model, x, y, jnp.arange(s["depth"], dtype=jnp.int32))
   rng = np.random.default_rng(0)
   ins = [(rng.normal(size=l).astype(np.float32), rng.normal(size=r).astype(np.float32))

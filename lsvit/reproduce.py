@@ -104,7 +104,8 @@ def done(out: str, job: Job) -> bool:
   return os.path.exists(os.path.join(out, job.name, "summary.json"))
 
 
-def _cores() -> List[int]:
+def usable_cores() -> List[int]:
+  """The CPU cores this process may run on (its affinity; ``taskset`` narrows it)."""
   try:
     return sorted(os.sched_getaffinity(0))
   except AttributeError:  # not Linux
@@ -115,7 +116,7 @@ class Pool:
   """``workers`` train.py processes at a time, each pinned to its share of the cores."""
 
   def __init__(self, out: str, config: str, workers: int):
-    cores = _cores()
+    cores = usable_cores()
     self.workers = max(1, min(workers, len(cores)))
     per = len(cores) // self.workers
     self.slots = [cores[i * per:(i + 1) * per] for i in range(self.workers)]
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
   ap.add_argument("--out", help="runs and evaluations (default: runs/reproduce_<preset>)")
   ap.add_argument("--results", help="the report to write (default: RESULTS.md for digits, "
                                     "<out>/RESULTS.md otherwise)")
-  ap.add_argument("--workers", type=int, default=len(_cores()),
+  ap.add_argument("--workers", type=int, default=len(usable_cores()),
                   help="training processes at once (default: one per core)")
   ap.add_argument("--dry_run", action="store_true", help="list the runs and exit")
   ap.add_argument("--report_only", action="store_true",

@@ -289,11 +289,8 @@ def _machine() -> str:
         break
   except OSError:
     pass
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:
-    cores = os.cpu_count()
-  return f"{cpu}, {cores} cores usable, {platform.system()} {platform.release()}"
+  from lsvit.reproduce import usable_cores
+  return f"{cpu}, {len(usable_cores())} cores usable, {platform.system()} {platform.release()}"
 
 
 def write(results: dict, preset, name: str, out: str, path: str, command: str, timing: dict) -> str:
