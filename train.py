@@ -28,13 +28,40 @@ def default_workdir(config_path, config):
   return os.path.join("runs", f"{name}_{config.variant}{keep}_seed{config.seed}")
 
 
+def parse_flags(argv):
+  """absl's parsing, with every mistake reported as one line (no traceback)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _die(str(e).splitlines()[0])
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a bad --config.<field>
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    msg = str(e).strip("\"'")
+    _die(f"{' '.join(bad) or 'a --config override'}: the config has no such field or value "
+         f"({msg}); see the fields in the config file")
+  except OSError as e:
+    _die(f"cannot load --config: {str(e).splitlines()[-1].strip()}")
+
+
+def _die(msg: str):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
   from lsvit import run as run_lib
-  config = FLAGS.config
+  path = config_flags.get_config_filename(FLAGS["config"])
+  if not os.path.isfile(path.split(":")[0]):
+    _die(f"--config={path}: no such config file (e.g. --config=configs/digits.py)")
+  try:
+    config = FLAGS.config
+    config.to_dict()  # a file that failed to load raises on first use
+  except Exception as e:  # the config file's own error, in one line
+    _die(f"cannot load --config={path}: {type(e).__name__}: {str(e).splitlines()[-1].strip()}")
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]), config)
   return run_lib.main(config, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

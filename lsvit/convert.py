@@ -38,27 +38,53 @@ class ConversionError(ValueError):
 # ----------------------------------------------------------------------------- reading files
 
 def _read_tensors(path: str) -> Flat:
+  if not os.path.isfile(path):
+    raise ConversionError(f"no such file: {path}")
   if path.endswith(".safetensors"):
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
     try:
+      with safe_open(path, "np") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+      if dtypes & {"BF16"}:  # numpy has no bfloat16: read through torch
+        import torch  # noqa: F401  (a clear ImportError below if it is missing)
+        with safe_open(path, "pt") as f:
+          return {k: f.get_tensor(k).float().numpy() for k in f.keys()}
       return dict(load_file(path))
-    except Exception:  # bf16/fp16 tensors that numpy cannot hold natively
-      from safetensors import safe_open
-      with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k).float().numpy() for k in f.keys()}
+    except ImportError:
+      raise ConversionError(f"{path} holds bfloat16 tensors, which need PyTorch to read "
+                            f"(pip install torch)") from None
+    except (SafetensorError, OSError, ValueError) as e:
+      raise ConversionError(f"cannot read {path}: {str(e).splitlines()[0]} (a truncated or "
+                            f"damaged download? fetch it again)") from None
   if path.endswith((".bin", ".pth", ".pt")):
     try:
       import torch
     except ImportError as e:
       raise ConversionError(f"reading {path} needs PyTorch (pip install torch); "
                             "or convert from a .safetensors file") from e
-    sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    import pickle
+    try:
+      sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    except pickle.UnpicklingError:
+      raise ConversionError(
+          f"{path} holds Python objects besides tensors, which lsvit does not unpickle (that "
+          f"could run code). Re-save it as tensors only (a state dict, or safetensors) in an "
+          f"environment you trust, then convert that file") from None
+    except (RuntimeError, EOFError, OSError) as e:
+      raise ConversionError(f"cannot read {path}: {str(e).splitlines()[0][:200]} (a truncated "
+                            f"or damaged file? fetch it again)") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
       sd = sd["model"]
     return {k: v.float().numpy() for k, v in sd.items()}
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+    import zipfile
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      raise ConversionError(f"cannot read {path}: {str(e).splitlines()[0][:200]} (a truncated "
+                            f"or damaged file?)") from None
   raise ConversionError(f"don't know how to read {path!r}: expected .safetensors, .bin or .npz")
 
 
@@ -91,6 +117,9 @@ def _resolve(spec: str) -> Tuple[str, str, dict]:
     if not os.path.exists(where):
       raise ConversionError(f"no such file: {where}")
     return kind, where, {}
+  if not os.path.exists(where) and _looks_local(where):
+    raise ConversionError(f"no such file or directory: {where} (a hub id looks like "
+                          f"'org/name', e.g. hf:google/vit-base-patch16-224)")
   if os.path.isfile(where):
     path, directory = where, os.path.dirname(where)
   else:
@@ -99,6 +128,98 @@ def _resolve(spec: str) -> Tuple[str, str, dict]:
   cfg_path = os.path.join(directory, "config.json")
   hf_cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
   return kind, path, hf_cfg
+
+
+def _looks_local(where: str) -> bool:
+  """A path rather than a hub id ('org/name'): absolute, relative with ./ or ../, ~, more
+  than one '/', or a weights file name."""
+  return (where.startswith(("/", ".", "~")) or where.count("/") > 1 or
+          where.endswith((".safetensors", ".bin", ".pth", ".pt", ".npz", ".json")) or
+          os.sep != "/" and os.sep in where)
+
+
+# ----------------------------------------------------------------------------- settings
+
+# transformers config fields that do not change a ViT/DeiT classifier's logits: generic
+# PretrainedConfig bookkeeping, generation and training options, the unused pooler and the
+# masked-image-modelling decoder.
+HF_NO_EFFECT = frozenset("""
+_name_or_path _num_labels add_cross_attention architectures attention_probs_dropout_prob
+attn_implementation _attn_implementation bad_words_ids begin_suppress_tokens bos_token_id
+chunk_size_feed_forward cross_attention_hidden_size decoder_start_token_id diversity_penalty
+do_sample dtype early_stopping encoder_no_repeat_ngram_size encoder_stride eos_token_id
+exponential_decay_length_penalty finetuning_task forced_bos_token_id forced_eos_token_id
+gradient_checkpointing hidden_dropout_prob id2label initializer_range is_decoder
+is_encoder_decoder label2id length_penalty max_length min_length no_repeat_ngram_size
+num_beam_groups num_beams num_labels num_return_sequences output_attentions
+output_hidden_states output_scores pad_token_id pooler_act pooler_output_size prefix
+problem_type remove_invalid_values repetition_penalty return_dict return_dict_in_generate
+sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss
+tie_encoder_decoder tie_word_embeddings tokenizer_class top_k top_p torch_dtype torchscript
+transformers_version typical_p use_bfloat16 use_cache use_mask_token use_return_dict
+""".split())
+# Exact GELU (erf); the tanh approximations ('gelu_new', 'gelu_pytorch_tanh') differ.
+HF_EXACT_GELU = ("gelu", "gelu_python")
+# Fields the converter reads or checks against the tensors' shapes.
+HF_READ = frozenset(("model_type", "hidden_act", "qkv_bias", "layer_norm_eps", "pruned_heads",
+                     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "image_size", "patch_size", "num_channels"))
+
+
+def check_hf_settings(hf_cfg: dict, where: str) -> None:
+  """Refuses a transformers config with a setting lsvit does not implement, naming it."""
+  bad = []
+  if hf_cfg.get("model_type", "vit") not in ("vit", "deit"):
+    bad.append(f"model_type={hf_cfg['model_type']!r} (lsvit implements vit and deit)")
+  if hf_cfg.get("hidden_act", "gelu") not in HF_EXACT_GELU:
+    bad.append(f"hidden_act={hf_cfg['hidden_act']!r} (lsvit implements the exact GELU, 'gelu')")
+  if hf_cfg.get("pruned_heads"):
+    bad.append(f"pruned_heads={hf_cfg['pruned_heads']!r} (lsvit has no pruned attention heads)")
+  unknown = sorted(set(hf_cfg) - HF_NO_EFFECT - HF_READ)
+  bad += [f"{k}={hf_cfg[k]!r} (not a setting lsvit knows; it may change the logits)"
+          for k in unknown]
+  if bad:
+    raise ConversionError(f"{where} has settings lsvit does not implement, so the converted "
+                          f"model would compute something else: " + "; ".join(bad))
+
+
+def check_hf_shapes(hf_cfg: dict, cfg: dict, where: str) -> None:
+  """The config's dimensions must be the ones the tensors have."""
+  pairs = (("hidden_size", "width"), ("num_hidden_layers", "depth"),
+           ("intermediate_size", "mlp_dim"), ("num_attention_heads", "num_heads"),
+           ("image_size", "image_size"), ("patch_size", "patch_size"),
+           ("num_channels", "channels"))
+  bad = [f"{h}={hf_cfg[h]} but the tensors give {cfg[o]}" for h, o in pairs
+         if h in hf_cfg and int(hf_cfg[h]) != int(cfg[o])]
+  if bad:
+    raise ConversionError(f"{where} does not match its weights: " + "; ".join(bad))
+
+
+TIMM_ARCH = re.compile(r"(vit|deit)_(tiny|small|base|large|huge)_(distilled_)?patch\d+_\d+")
+# timm model arguments and the value that is lsvit's computation.
+TIMM_ARGS = {"global_pool": "token", "class_token": True, "no_embed_class": False,
+             "reg_tokens": 0, "pre_norm": False, "fc_norm": None, "qk_norm": False,
+             "init_values": None, "act_layer": None, "final_norm": True, "qkv_bias": True,
+             "dynamic_img_size": False, "pos_embed": "learn", "mlp_ratio": None}
+
+
+def check_timm_settings(timm_cfg: dict, where: str) -> None:
+  """Refuses a timm model whose architecture or arguments lsvit does not implement."""
+  bad = []
+  arch = timm_cfg.get("architecture", "")
+  if arch and not TIMM_ARCH.fullmatch(arch.split(".")[0]):
+    bad.append(f"architecture={arch!r} (lsvit implements plain vit_*/deit_* models such as "
+               f"vit_base_patch16_224; not CLIP, SigLIP, registers, pooling or LayerScale variants)")
+  args = dict(timm_cfg.get("model_args") or {})
+  if "global_pool" in timm_cfg:
+    args.setdefault("global_pool", timm_cfg["global_pool"])
+  for k, v in sorted(args.items()):
+    if k in TIMM_ARGS and TIMM_ARGS[k] is not None and v != TIMM_ARGS[k]:
+      bad.append(f"{k}={v!r} (lsvit computes {k}={TIMM_ARGS[k]!r})")
+    elif k in ("fc_norm", "act_layer", "init_values") and v not in (None, False, "gelu"):
+      bad.append(f"{k}={v!r} (not implemented)")
+  if bad:
+    raise ConversionError(f"{where} describes a model lsvit does not implement: " + "; ".join(bad))
 
 
 # ----------------------------------------------------------------------------- renaming
@@ -209,6 +330,15 @@ def from_timm(sd: Flat, num_heads: int) -> Flat:
       _linear(flat, name + "/", take(name + ".weight"), take(name + ".bias"))
   flat.update({"unexpected/" + k: v for k, v in src.items()})
   return {k: v for k, v in flat.items() if v is not None}
+
+
+def _zero_qkv_bias(flat: Flat, heads: int):
+  for k in [k for k in flat if re.fullmatch(r"Transformer/encoderblock_\d+/"
+                                             r"MultiHeadDotProductAttention_1/(query|key|value)/kernel", k)]:
+    bias = k[:-len("kernel")] + "bias"
+    if bias in flat:
+      raise ConversionError(f"config.json says qkv_bias=false but the weights have {bias}")
+    flat[bias] = np.zeros((heads, flat[k].shape[-1]), np.float32)
 
 
 # ----------------------------------------------------------------------------- stacking & checking
@@ -337,14 +467,23 @@ def load(source: str, num_heads=None) -> Tuple[dict, dict]:
     except StopIteration:
       raise ConversionError(f"{path} has no class token: is it a ViT/DeiT checkpoint?") from None
     heads = _heads_for(width, hf_cfg, num_heads)
+    where = os.path.join(os.path.dirname(path), "config.json")
+    if kind == "hf":
+      check_hf_settings(hf_cfg, where)
+    else:
+      check_timm_settings(hf_cfg, where)
     try:
       if kind == "hf":
         flat, eps = from_hf(sd, heads), float(hf_cfg.get("layer_norm_eps", 1e-12))
+        if not hf_cfg.get("qkv_bias", True):  # no q/k/v bias is a zero bias
+          _zero_qkv_bias(flat, heads)
       else:
         flat, eps = from_timm(sd, heads), 1e-6
     except KeyError as e:
       raise ConversionError(f"{path} is missing key {e.args[0]!r} expected in a {kind} ViT checkpoint")
   cfg = _infer_config(flat, ln_eps=eps)
+  if kind == "hf":
+    check_hf_shapes(hf_cfg, cfg, os.path.join(os.path.dirname(path), "config.json"))
   expected = model_lib.param_shapes(model_lib.build(cfg))
   return stack(flat, expected), cfg
 

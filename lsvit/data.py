@@ -119,14 +119,22 @@ class FolderSource:
     self.classes = classes or sorted(d for d in os.listdir(split_dir)
                                      if os.path.isdir(os.path.join(split_dir, d)))
     self.items = []
+    empty = []
     for label, c in enumerate(self.classes):
       cdir = os.path.join(split_dir, c)
       if not os.path.isdir(cdir):
         continue
-      self.items += [(os.path.join(cdir, f), label) for f in sorted(os.listdir(cdir))
-                     if f.lower().endswith(IMAGE_EXTENSIONS)]
+      found = [(os.path.join(cdir, f), label) for f in sorted(os.listdir(cdir))
+               if f.lower().endswith(IMAGE_EXTENSIONS)]
+      if not found:
+        empty.append(cdir)
+      self.items += found
     if not self.items:
       raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}/<class>/")
+    if empty and classes is None:  # a class without images cannot be learnt or scored
+      raise DataError(f"class folder {empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                      + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+                      + "; add images or remove the folder")
     self.num_classes = len(self.classes)
 
   def __len__(self):
@@ -135,8 +143,11 @@ class FolderSource:
   def __getitem__(self, i):
     from PIL import Image
     path, label = self.items[int(i)]
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB")), label
+    try:
+      with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")), label
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      raise DataError(f"cannot read image {path}: {e}; replace or remove the file") from None
 
 
 def get_source(data_cfg, split: str):

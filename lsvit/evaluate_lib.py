@@ -536,13 +536,27 @@ def run(workdirs, mode, out: Optional[str] = None, batch_size: Optional[int] = N
   """Evaluates the runs in ``workdirs`` (globs allowed) in ``mode`` (a name, or a list of
   names sharing one checkpoint load and compilation); writes ``<out>/<mode>.json``,
   ``<out>/<mode>.md``, figures, and ``<out>/tables.md`` (every mode's table)."""
+  for name in ("orders", "merges", "draws", "images"):
+    if name in opts and (not isinstance(opts[name], int) or opts[name] < 1):
+      raise EvalError(f"{name}={opts[name]!r}: must be a whole number >= 1")
+  if str(opts.get("base", "random")) != "random" and not str(opts["base"]).isdigit():
+    raise EvalError(f"merge base {opts['base']!r}: give a run index (0, 1, ...) or 'random'")
   asked = [mode] if isinstance(mode, str) else list(mode)
   for m in asked:
     if m not in MODES:
       raise EvalError(f"unknown mode {m!r}; choose one of {', '.join(MODES)}")
   runs = load_runs(workdirs)
   out = out or os.path.join(runs[0].workdir, "eval")
-  os.makedirs(out, exist_ok=True)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise EvalError(f"--out {out} is an existing file, not a directory; choose another --out")
+  try:
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, f".write_test_{os.getpid()}")
+    open(probe, "w").close()
+    os.remove(probe)
+  except OSError as e:
+    raise EvalError(f"cannot write results to {out} ({e.strerror or e}); choose a writable "
+                    f"--out") from None
   ev = Evaluator(runs, batch_size, seed, progress)
   modes = applicable_modes(runs) if mode == "all" else asked
   results: Dict[str, Any] = {}

@@ -438,6 +438,10 @@ class ViT(nn.Module):
     return (self.image_size // self.patch_size) ** 2 + (2 if self.distilled else 1)
 
   def check_images(self, images):
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f"images have dtype {images.dtype}; the model takes preprocessed float "
+                       f"images (scaled and normalised as lsvit.data.Preprocess does), not raw "
+                       f"pixels: pass them through Preprocess first")
     want = (self.image_size, self.image_size, self.channels)
     if images.ndim != 4 or tuple(images.shape[1:]) != want:
       hint = ""
@@ -454,10 +458,18 @@ class ViT(nn.Module):
       raise ValueError(f"unknown variant {self.variant!r}; choose one of {order_lib.VARIANTS}")
     if self.impl not in IMPLS:
       raise ValueError(f"unknown impl {self.impl!r}; choose one of {IMPLS} (see BENCHMARKS.md)")
+    valid = None  # a traced order is checked on the device: see ``poison``
     if order is None:
       order = jnp.arange(self.depth, dtype=jnp.int32)
     elif not isinstance(order, jax.core.Tracer):
       order = jnp.asarray(order_lib.check_order(order, self.depth))
+    else:
+      if order.ndim != 1 or order.shape[0] > self.depth or order.shape[0] == 0:
+        raise ValueError(f"layer order must be a 1-D array of 1 to {self.depth} layer indices, "
+                         f"got shape {order.shape}")
+      if not jnp.issubdtype(order.dtype, jnp.integer):
+        raise ValueError(f"layer order must contain integer layer indices, got {order.dtype}")
+      valid = order_lib.order_is_valid(order, self.depth)
     if self.impl == "sequential" and (
         order.shape[0] != self.depth or
         (not isinstance(order, jax.core.Tracer) and (np.asarray(order) != np.arange(self.depth)).any())):
@@ -496,7 +508,16 @@ class ViT(nn.Module):
     if capture:
       out["hidden"] = aux["hidden"]
       out["embedded"] = embedded
+    if valid is not None:
+      out = poison(out, valid)
     return out
+
+
+def poison(outputs: dict, valid):
+  """Every output NaN unless ``valid``. Under ``jit`` an order cannot raise: an index out
+  of range would be clamped and a repeated layer would run twice, giving plausible logits.
+  NaN logits cannot pass for a result (``order.order_is_valid`` says why, on the host)."""
+  return {k: jnp.where(valid, v, jnp.asarray(jnp.nan, v.dtype)) for k, v in outputs.items()}
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ViT) if f.name not in ("parent", "name"))

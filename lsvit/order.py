@@ -45,6 +45,15 @@ def check_order(order, num_layers: int) -> np.ndarray:
   return arr.astype(np.int32)
 
 
+def order_is_valid(order: jax.Array, num_layers: int) -> jax.Array:
+  """Traceable: True iff every index is in [0, num_layers) and none repeats (``check_order``'s
+  rules for an order that is only known on the device)."""
+  in_range = ((order >= 0) & (order < num_layers)).all()
+  s = jnp.sort(order)
+  distinct = (s[1:] != s[:-1]).all() if order.shape[0] > 1 else jnp.bool_(True)
+  return in_range & distinct
+
+
 def training_order(variant: str, key: jax.Array, num_layers: int, layerdrop: float = 0.0):
   """The order (and, for LayerDrop, the mask of layers that run) for one training step.
 

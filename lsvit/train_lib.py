@@ -110,6 +110,58 @@ def _check_resumable(saved: dict, current: dict, workdir: str):
         "\n  ".join(diff) + "\nUse a new --workdir (or the original config to resume).")
 
 
+def _has(workdir: str, name: str) -> bool:
+  path = os.path.join(workdir, name)
+  return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
+
+
+def check_workdir_identity(workdir: str, cfg_dict: dict, model_cfg: dict) -> bool:
+  """Refuses a workdir holding another run's results, whichever of its files exist.
+  Returns whether to (re)write config.json and model.json: a new workdir, or one whose
+  run stopped before saving anything."""
+  trained = [n for n in ("checkpoints", "best", "summary.json") if _has(workdir, n)]
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    if trained or _has(workdir, "model.json"):
+      raise ckpt_lib.CheckpointError(
+          f"{workdir} holds a run's files ({', '.join(trained or ['model.json'])}) but no "
+          f"config.json, so they cannot be checked against this config; refusing to mix "
+          f"them. Use a new --workdir.")
+    return True
+  if not trained:
+    return True
+  try:
+    saved = json.load(open(cfg_path))
+  except ValueError:
+    raise ckpt_lib.CheckpointError(f"{cfg_path} is damaged; cannot tell which run {workdir} "
+                                   f"holds. Use a new --workdir.") from None
+  _check_resumable(saved, cfg_dict, workdir)
+  ckpt_lib.check_same_model(ckpt_lib.load_model_cfg(workdir), model_cfg, workdir)
+  return False
+
+
+def ensure_writable(workdir: str):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ckpt_lib.CheckpointError(f"cannot write to workdir {workdir} ({e.strerror or e}); "
+                                   f"choose a writable --workdir") from None
+
+
+def check_config(config):
+  """Settings that would otherwise fail late or train something else than asked."""
+  for name in ("batch_size", "eval_batch_size", "num_epochs"):
+    if not isinstance(config[name], int) or config[name] <= 0:
+      raise ValueError(f"{name}={config[name]!r}: must be a positive whole number")
+  if config.keep_checkpoints < 2:
+    raise ValueError(f"keep_checkpoints={config.keep_checkpoints}: at least 2 are kept, so "
+                     "that a run stopped while saving still has a verified checkpoint")
+
+
 # ----------------------------------------------------------------------------- steps
 
 def cross_entropy(logits, labels):
@@ -245,6 +297,11 @@ def build_run(config, mesh: Optional[Mesh] = None) -> Run:
   d = config.data
   train_src = data_lib.get_source(d, d.train_split)
   eval_src = data_lib.get_source(d, d.eval_split)
+  asked = config.model.num_classes
+  if asked and asked != train_src.num_classes:
+    raise ValueError(f"model.num_classes={asked} but the {d.name} training data has "
+                     f"{train_src.num_classes} classes; set model.num_classes="
+                     f"{train_src.num_classes} (or 0: take it from the data)")
   mcfg = model_config(config, train_src.num_classes)
   model = model_lib.build(mcfg)
   channels, size = model.channels, model.image_size
@@ -339,12 +396,28 @@ class _Writer:
       self.tb.close()
 
 
-def _truncate_jsonl(path, last_step):
-  if os.path.exists(path):
-    lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= last_step]
-    with open(path + ".tmp", "w") as f:
-      f.writelines(lines)
-    os.replace(path + ".tmp", path)
+def _truncate_jsonl(path, last_step, log=print):
+  """Keeps the records up to ``last_step``; a torn last line (what a crash mid-write
+  leaves) is dropped, saying so; a damaged line elsewhere is an error."""
+  if not os.path.exists(path):
+    return
+  lines = [l for l in open(path) if l.strip()]
+  kept = []
+  for i, line in enumerate(lines):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      if i == len(lines) - 1:
+        log(f"warning: {path}: dropped its unfinished last line (the run was stopped while "
+            f"writing it)")
+        continue
+      raise ckpt_lib.CheckpointError(f"{path} line {i + 1} is not JSON: the file is damaged; "
+                                     f"move it aside to resume (it is only the metrics log)")
+    if record["step"] <= last_step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
 
 
 def _fmt(m):
@@ -355,25 +428,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   """Trains (resuming if ``workdir`` has a checkpoint), returns the final summary."""
   main = jax.process_index() == 0
   log = log if main else (lambda *a, **k: None)
-  os.makedirs(workdir, exist_ok=True)
+  check_config(config)
+  ensure_writable(workdir)
   run = build_run(config)
   model = run.model
   mcfg = run.model_cfg
-  cfg_dict = config.to_dict()
+  cfg_dict = json.loads(json.dumps(config.to_dict(), default=str))
 
-  ckpts = ckpt_lib.RunCheckpoints(workdir, config.get("keep_checkpoints", 2))
-  abstract = None
-  state = None
-  start_step = 0
-  cfg_path = os.path.join(workdir, "config.json")
-  if ckpts.latest_step() is not None:
-    if os.path.exists(cfg_path):
-      _check_resumable(json.load(open(cfg_path)), json.loads(json.dumps(cfg_dict, default=str)),
-                       workdir)
-    ckpt_lib.check_same_model(ckpt_lib.load_model_cfg(workdir), mcfg, workdir)
-  elif main:
-    ckpt_lib.write_json(cfg_path, cfg_dict)
-    ckpt_lib.write_json(os.path.join(workdir, "model.json"), {"model": mcfg})
+  if check_workdir_identity(workdir, cfg_dict, mcfg) and main:
+    ckpt_lib.write_json(os.path.join(workdir, "config.json"), cfg_dict)
+    ckpt_lib.write_json(os.path.join(workdir, "model.json"),
+                        {"model": mcfg, ckpt_lib.SEALED_KEY: ckpt_lib.SEAL_FORMAT})
+  ckpt_lib.sync("lsvit_workdir")  # every process sees model.json before reading it
+  ckpts = ckpt_lib.RunCheckpoints(workdir, config.keep_checkpoints, log)
 
   train_fn, eval_fn = jit_steps(run)
   rep = run.replicated
@@ -382,17 +449,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     params = initial_params(config, model, log)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": run.tx.init(params)}
 
-  if ckpts.latest_step() is not None:
+  resume = ckpts.resume_point()
+  partial = None  # the epoch's metric sums so far, when resuming mid-epoch
+  if resume is not None:
     abstract = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32),
                                        "params": model_lib.param_shapes(model),
                                        "opt_state": run.tx.init(model_lib.param_shapes(model))})
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
-    state, meta = ckpts.restore_latest(abstract)
+    state, meta = ckpts.restore_latest(resume, abstract)
     start_step = int(state["step"])
+    partial = meta.get("partial")
     if main:  # drop metrics of epochs that were logged but not checkpointed before a crash
-      _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
+      _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step, log)
     log(f"resuming from {workdir}/checkpoints/{start_step} (epoch {meta.get('epoch')})")
   else:
+    start_step = 0
+    if main:  # records of a run stopped before its first checkpoint
+      _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), 0, log)
     state = run.replicate(fresh_state())
   writer = _Writer(workdir, main)
   best = ckpts.best_meta()
@@ -411,6 +484,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         bar = tqdm(total=spe, initial=first - epoch * spe, desc=f"epoch {epoch + 1}/{config.num_epochs}",
                    unit="step", dynamic_ncols=True)
       acc_metrics, t0, seen = None, time.time(), 0
+      done_before = 0  # steps of this epoch run before a mid-epoch resume
+      if partial and first > epoch * spe and partial.get("step") == first:
+        acc_metrics = run.replicate({k: np.asarray(v, np.float32 if k != "nonfinite" else np.int32)
+                                     for k, v in partial["sums"].items()})
+        done_before = partial["steps"]
+      partial = None
       batches = run.device_batches(run.train_loader.iterate(first, len(steps)))
       for step, batch in zip(steps, batches):
         state, m = train_fn(state, batch)
@@ -419,24 +498,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         if seen % log_every == 0 or step == steps[-1]:
           host = jax.device_get(acc_metrics)
           if host["nonfinite"]:
+            last = ckpts.latest_step()
+            kept = (f"the last good checkpoint (step {last}) is kept in {workdir}/checkpoints"
+                    if last is not None else "no checkpoint had been saved yet")
             raise TrainingDiverged(
-                f"the loss became NaN/inf in the {seen} steps up to step {step + 1} (epoch {epoch + 1}). "
-                f"Training stopped; the last good checkpoint (step {ckpts.latest_step()}) is kept in "
-                f"{workdir}/checkpoints. Lower optimizer.lr, enable optimizer.grad_clip_norm, "
-                f"or use compute_dtype=float32.")
+                f"the loss became NaN/inf in the steps up to step {step + 1} (epoch {epoch + 1}). "
+                f"Training stopped; {kept}. Lower optimizer.lr, enable "
+                f"optimizer.grad_clip_norm, or use compute_dtype=float32.")
           if bar:
             rate = seen * config.batch_size / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{host['loss'] / seen:.4f}", acc=f"{host['accuracy'] / seen:.3f}",
+            n = seen + done_before
+            bar.set_postfix(loss=f"{host['loss'] / n:.4f}", acc=f"{host['accuracy'] / n:.3f}",
                             img_s=f"{rate:.0f}")
         if bar:
           bar.update(1)
         if config.get("checkpoint_every_steps") and (step + 1) % config.checkpoint_every_steps == 0 \
             and (step + 1) % spe:
-          ckpts.save_latest(step + 1, state, {"epoch": epoch, "step": step + 1})
+          sums = {k: np.asarray(v).item() for k, v in jax.device_get(acc_metrics).items()}
+          ckpts.save_latest(step + 1, state, {"epoch": epoch, "step": step + 1, "partial": {
+              "step": step + 1, "steps": seen + done_before, "sums": sums}})
       if bar:
         bar.close()
-      train_m = {k: float(v) / max(seen, 1) for k, v in jax.device_get(acc_metrics).items()
-                 if k != "nonfinite"}
+      # The whole epoch's mean, also when it was resumed part-way.
+      train_m = {k: float(v) / max(seen + done_before, 1)
+                 for k, v in jax.device_get(acc_metrics).items() if k != "nonfinite"}
       elapsed = time.time() - t0
       val = evaluate(run, state["params"], np.arange(model.depth)[None], eval_fn)
       record = {"epoch": epoch + 1, "train": train_m, "val": val,
