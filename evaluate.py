@@ -70,4 +70,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  code = main()
+  if code:  # after a failed restore Orbax's reader threads print tracebacks as Python exits
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)

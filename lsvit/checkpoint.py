@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -130,16 +131,45 @@ def _warn_unsealed(where: str):
         f"verified", file=sys.stderr)
 
 
+def _drop_orbax_leftovers(unraisable):
+  """An unraisable-exception hook that drops what Orbax's abandoned read coroutines raise
+  when collected (pages of TensorStore specs) and passes anything else on."""
+  where = getattr(unraisable.exc_traceback, "tb_frame", None)
+  if "orbax" in repr(unraisable.object) or (where and "orbax" in where.f_code.co_filename):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+class _MainThreadOnly:
+  """sys.stderr for the main thread; other threads' writes dropped."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text):
+    if threading.current_thread() is threading.main_thread():
+      return self.stream.write(text)
+    return len(text)
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
+
+
 @contextlib.contextmanager
 def _quiet_orbax_failure():
-  """Orbax leaves coroutines that re-raise (with TensorStore specs) when collected: keep
-  the one line we print instead."""
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda *_: None
+  """A failed Orbax restore leaves reader threads and coroutines that print tracebacks
+  (TensorStore specs, 'Event loop is closed') for a while, at exit too: while restoring,
+  and for good after a failure, only the main thread's stderr gets through, so the user
+  sees the one line we print."""
+  original = sys.stderr
+  sys.stderr = _MainThreadOnly(original)
   try:
     yield
-  finally:
-    sys.unraisablehook = hook
+  except Exception:
+    sys.unraisablehook = _drop_orbax_leftovers
+    raise
+  else:
+    sys.stderr = original
 
 
 def _first_line(e: Exception) -> str:
