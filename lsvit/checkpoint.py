@@ -78,8 +78,8 @@ def _seal_text(files: dict) -> str:
 def seal(directory) -> None:
   """Records size and SHA-256 of every file under ``directory`` (a complete step)."""
   directory = str(directory)
-  files = {rel: [os.path.getsize(os.path.join(directory, rel)), _digest(os.path.join(directory, rel))]
-           for rel in _files(directory)}
+  paths = {rel: os.path.join(directory, rel) for rel in _files(directory)}
+  files = {rel: [os.path.getsize(p), _digest(p)] for rel, p in paths.items()}
   tmp = os.path.join(directory, SEAL + ".tmp")
   with open(tmp, "w") as f:
     f.write(_seal_text(files))
@@ -177,7 +177,7 @@ def _first_line(e: Exception) -> str:
   return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
-# ----------------------------------------------------------------------------- converted checkpoints
+# ----------------------------------------------------------------------------- converted weights
 
 def save_params(directory: str, params, model_cfg: dict, **meta):
   """A converted (pretrained) checkpoint that training can start from."""
@@ -305,7 +305,8 @@ class RunCheckpoints:
   def _set_aside(self, mngr, kind: str, step: int, problem: str, then: str):
     """Moves a step that cannot be used out of Orbax's way (never deletes it)."""
     import jax
-    dest = os.path.join(self.workdir, "set_aside", f"{kind}_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = os.path.join(self.workdir, "set_aside", f"{kind}_{step}_{stamp}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(dest), exist_ok=True)
       shutil.move(str(mngr.directory / str(step)), dest)
