@@ -515,8 +515,8 @@ class ViT(nn.Module):
 
 def poison(outputs: dict, valid):
   """Every output NaN unless ``valid``. Under ``jit`` an order cannot raise: an index out
-  of range would be clamped and a repeated layer would run twice, giving plausible logits.
-  NaN logits cannot pass for a result (``order.order_is_valid`` says why, on the host)."""
+  of range would be clamped and a repeated layer would run twice, giving plausible logits;
+  NaN logits cannot pass for a result. ``order.check_order`` says what is wrong, on the host."""
   return {k: jnp.where(valid, v, jnp.asarray(jnp.nan, v.dtype)) for k, v in outputs.items()}
 
 
