@@ -6,22 +6,18 @@ training), then times, over the 359 validation digits:
   B. N merged models, each assembled by indexing the stacked parameters and evaluated.
 Reports B / A (goal <= 1.1) and the number of XLA compilations in each part.
 
-  python bench/merge_eval.py [--models 100] [--repeats 3] [--json out.json]
+  python -m bench.merge_eval [--models 100] [--repeats 3] [--json out.json]
 """
 import argparse
 import json
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import digits
-from lsvit import evaluate_lib as E
+from lsvit import evaluators as E
 from lsvit import model as model_lib
 from lsvit import train_lib
 
@@ -38,10 +34,9 @@ def main():
   cfg = json.loads(json.dumps(config.to_dict(), default=str))
   runs = [E.TrainedRun(f"run{i}", cfg, mcfg, jax.device_get(model_lib.init_params(model, i)), {})
           for i in range(model.depth)]
-  ev = E.Evaluator(runs, progress=False)
-  r0 = ev.run_for(mcfg)
+  ev = E.Context(runs, progress=False)
   order = np.arange(model.depth)[None]
-  stacked = r0.replicate(E.stack_runs(runs))
+  stacked = ev.placement.replicate(E.stack_runs(runs))
   sources = E.merge_sources(np.random.default_rng(0), len(runs), model.depth, args.models, False)
   single = ev.device_params(runs[0])
   ev.evaluate(runs[0], order)  # compile the eval step once, outside the timings

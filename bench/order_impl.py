@@ -7,22 +7,19 @@ programs are compiled first, then timed in interleaved rounds (``--repeats`` rou
 ``--steps`` steps each), so that drifts of this shared machine hit them alike; min / median /
 max over all timed steps. The sequential model is the reference (ratio 1.0).
 
-  python bench/order_impl.py [--name S/16 --image 224 --batch 8 --steps 3 --repeats 5] [--json out.json]
+  python -m bench.order_impl [--name S/16 --image 224 --batch 8 --steps 3 --repeats 5] [--json out.json]
 """
 import argparse
 import json
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lsvit import bench
+from bench import compare_torch as bench
+from bench import lost_impls
 from lsvit import model as model_lib
 
 
@@ -34,7 +31,7 @@ def program(impl, args, shuffle):
   cfg = dict(name=args.name, image_size=args.image, num_classes=100, impl=impl)
   if args.patch:
     cfg["patch_size"] = args.patch
-  m = model_lib.build(cfg)
+  m = lost_impls.build(cfg)
   params = model_lib.init_params(m)
   tx = optax.adam(1e-4)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.image, args.image, 3)),

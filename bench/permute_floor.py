@@ -4,21 +4,17 @@ model's training step. If the copies alone cost X% of a step, a shuffled step ca
 faster than 1 + X% of the plain one while a matmul cannot read its weight at a runtime
 offset in place.
 
-  python bench/permute_floor.py [--name S/16 --image 224 --batch 4]
+  python -m bench.permute_floor [--name S/16 --image 224 --batch 4]
 """
 import argparse
 import json
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import order_impl
+from bench import lost_impls, order_impl
 from lsvit import model as model_lib
 
 
@@ -36,13 +32,13 @@ def main():
   cfg = dict(name=args.name, image_size=args.image, num_classes=100, impl="permute")
   if args.patch:
     cfg["patch_size"] = args.patch
-  shuf = model_lib.build(cfg)
+  shuf = lost_impls.build(cfg)
   stack = model_lib.init_params(shuf)["Transformer"]["encoderblock"]
   order = jnp.asarray(np.random.default_rng(0).permutation(shuf.depth), jnp.int32)
 
   @jax.jit
   def copies(stack, order):  # forward gather and the backward's inverse gather, nothing else
-    out, vjp = jax.vjp(lambda s: model_lib.permute_layers(s, order), stack)
+    out, vjp = jax.vjp(lambda s: lost_impls.permute_layers(s, order), stack)
     return vjp(out)[0]
 
   jax.block_until_ready(copies(stack, order))

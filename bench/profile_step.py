@@ -6,26 +6,22 @@ and primitive an op came from, ``transpose(...)`` for the backward); a matmul's 
 its FLOPs, counted from the compiled HLO, over its time. With ``taskset -c 0`` every op
 runs on one core, so the times add up to the step; on more cores ops overlap.
 
-  taskset -c 0 python bench/profile_step.py --setup "Ti/16 @32" [--impl sequential]
+  taskset -c 0 python -m bench.profile_step --setup "Ti/16 @32" [--impl sequential]
 """
 import argparse
 import collections
 import glob
 import gzip
 import json
-import os
 import re
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsvit import bench
+from bench import compare_torch as bench
 
 CATEGORIES = [  # first match wins
     ("dense matmuls", r"/(query|key|value|out|Dense_\d)/(dot_general|transpose)"),

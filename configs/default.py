@@ -18,9 +18,14 @@ def get_config():
   c.predict_loss_weight = 1.0
   c.keep_layers = 0                 # >0: refine a reduced-depth model of the first k pretrained layers
   c.keep_method = "first"           # first | even (evenly spaced)
+  # Stage 1, a sequential "pretraining" into <workdir>/pretrain, when >0 and init_from is "".
+  c.pretrain_epochs = 0
+  c.pretrain_lr = 1e-3
+  c.refine_from_pretrain = True     # stage 2 starts from stage 1 (else from scratch)
 
   c.model = ml_collections.ConfigDict(dict(
-      name="B/16", num_classes=0, image_size=224, channels=3, distilled=False,
+      name="B/16", width=0, depth=0, mlp_dim=0, num_heads=0, patch_size=0,  # 0: from name
+      num_classes=0, image_size=224, channels=3, distilled=False,
       dropout=0.0, attn_dropout=0.0, ln_eps=1e-12, impl="fetch", attention="xla", remat=False))
   c.init_from = "hf:google/vit-base-patch16-224"  # hf:/timm:/npz: source, a converted dir or a workdir
   c.compute_dtype = "bfloat16"
@@ -42,7 +47,7 @@ def get_config():
   c.keep_checkpoints = 2
   c.log_every_steps = 50
   c.eval_orders = 5                 # arbitrary-order evaluation: passes over val, a fresh order per batch
-  c.eval_seed = 1234
+  c.eval_seed = 1234                # the orders of the final arbitrary-order evaluation
   c.progress = True
   c.distributed = False             # multi-host: jax.distributed.initialize() on every host
   c.coordinator_address = ""        # host:port of process 0 (auto-detected on SLURM/MPI)

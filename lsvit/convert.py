@@ -208,8 +208,9 @@ def check_timm_settings(timm_cfg: dict, where: str) -> None:
   bad = []
   arch = timm_cfg.get("architecture", "")
   if arch and not TIMM_ARCH.fullmatch(arch.split(".")[0]):
-    bad.append(f"architecture={arch!r} (lsvit implements plain vit_*/deit_* models such as "
-               f"vit_base_patch16_224; not CLIP, SigLIP, registers, pooling or LayerScale variants)")
+    bad.append(
+        f"architecture={arch!r} (lsvit implements plain vit_*/deit_* models such as "
+        f"vit_base_patch16_224; not CLIP, SigLIP, registers, pooling or LayerScale variants)")
   args = dict(timm_cfg.get("model_args") or {})
   if "global_pool" in timm_cfg:
     args.setdefault("global_pool", timm_cfg["global_pool"])
@@ -231,7 +232,8 @@ def _linear(flat, out, w, b, kernel_shape=None, bias_shape=None):
                             if kernel_shape and kernel.size == np.prod(kernel_shape) else kernel)
   if b is not None:
     b = np.asarray(b)
-    flat[out + "bias"] = b.reshape(bias_shape) if bias_shape and b.size == np.prod(bias_shape) else b
+    flat[out +
+         "bias"] = b.reshape(bias_shape) if bias_shape and b.size == np.prod(bias_shape) else b
 
 
 _HF_V5 = [  # transformers >= 5 in-memory names -> names stored on the hub
@@ -266,7 +268,8 @@ def from_hf(sd: Flat, num_heads: int) -> Flat:
   w = take("embeddings.patch_embeddings.projection.weight")
   flat["embedding/kernel"] = None if w is None else np.transpose(w, (2, 3, 1, 0))
   flat["embedding/bias"] = take("embeddings.patch_embeddings.projection.bias")
-  layers = sorted({int(m.group(1)) for k in src for m in [re.match(r"encoder\.layer\.(\d+)\.", k)] if m})
+  layers = sorted(
+      {int(m.group(1)) for k in src for m in [re.match(r"encoder\.layer\.(\d+)\.", k)] if m})
   for l in layers:
     p, o = f"encoder.layer.{l}.", BLOCK.format(l)
     for ln_src, ln_dst in (("layernorm_before", "LayerNorm_0"), ("layernorm_after", "LayerNorm_2")):
@@ -275,12 +278,15 @@ def from_hf(sd: Flat, num_heads: int) -> Flat:
     for name in ("query", "key", "value"):
       _linear(flat, o + f"MultiHeadDotProductAttention_1/{name}/",
               take(p + f"attention.attention.{name}.weight"),
-              src.pop(p + f"attention.attention.{name}.bias", None), (d, num_heads, hd), (num_heads, hd))
-    _linear(flat, o + "MultiHeadDotProductAttention_1/out/", take(p + "attention.output.dense.weight"),
-            take(p + "attention.output.dense.bias"), (num_heads, hd, d))
+              src.pop(p + f"attention.attention.{name}.bias", None), (d, num_heads, hd),
+              (num_heads, hd))
+    _linear(flat, o + "MultiHeadDotProductAttention_1/out/",
+            take(p + "attention.output.dense.weight"), take(p + "attention.output.dense.bias"),
+            (num_heads, hd, d))
     _linear(flat, o + "MlpBlock_3/Dense_0/", take(p + "intermediate.dense.weight"),
             take(p + "intermediate.dense.bias"))
-    _linear(flat, o + "MlpBlock_3/Dense_1/", take(p + "output.dense.weight"), take(p + "output.dense.bias"))
+    _linear(flat, o + "MlpBlock_3/Dense_1/", take(p + "output.dense.weight"),
+            take(p + "output.dense.bias"))
   flat["Transformer/encoder_norm/scale"] = take("layernorm.weight")
   flat["Transformer/encoder_norm/bias"] = take("layernorm.bias")
   for head_src, head_dst in (("classifier", "head"), ("cls_classifier", "head"),
@@ -333,8 +339,11 @@ def from_timm(sd: Flat, num_heads: int) -> Flat:
 
 
 def _zero_qkv_bias(flat: Flat, heads: int):
-  for k in [k for k in flat if re.fullmatch(r"Transformer/encoderblock_\d+/"
-                                             r"MultiHeadDotProductAttention_1/(query|key|value)/kernel", k)]:
+  for k in [
+      k for k in flat if re.fullmatch(
+          r"Transformer/encoderblock_\d+/"
+          r"MultiHeadDotProductAttention_1/(query|key|value)/kernel", k)
+  ]:
     bias = k[:-len("kernel")] + "bias"
     if bias in flat:
       raise ConversionError(f"config.json says qkv_bias=false but the weights have {bias}")
@@ -350,7 +359,8 @@ def _infer_config(flat: Flat, ln_eps: float = 1e-6) -> dict:
   distilled = "dist" in flat
   tokens = flat["Transformer/posembed_input/pos_embedding"].shape[1] - (2 if distilled else 1)
   grid = int(round(np.sqrt(tokens)))
-  depth = len({m.group(1) for k in flat for m in [re.match(r"Transformer/encoderblock_(\d+)/", k)] if m})
+  depth = len(
+      {m.group(1) for k in flat for m in [re.match(r"Transformer/encoderblock_(\d+)/", k)] if m})
   mlp = _layer_dim(flat, "MlpBlock_3/Dense_0/kernel", -1)
   heads = _layer_dim(flat, "MultiHeadDotProductAttention_1/query/kernel", 1)
   head = flat.get("head/kernel")
@@ -480,7 +490,8 @@ def load(source: str, num_heads=None) -> Tuple[dict, dict]:
       else:
         flat, eps = from_timm(sd, heads), 1e-6
     except KeyError as e:
-      raise ConversionError(f"{path} is missing key {e.args[0]!r} expected in a {kind} ViT checkpoint")
+      raise ConversionError(
+          f"{path} is missing key {e.args[0]!r} expected in a {kind} ViT checkpoint")
   cfg = _infer_config(flat, ln_eps=eps)
   if kind == "hf":
     check_hf_shapes(hf_cfg, cfg, os.path.join(os.path.dirname(path), "config.json"))
@@ -540,7 +551,8 @@ def adapt(params: dict, init: dict, model: "model_lib.ViT", keep_layers=None,
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--source", required=True, help="hf:<id|dir>, timm:<id|dir|file> or npz:<file>")
   ap.add_argument("--out", required=True, help="new directory for the Orbax checkpoint")
   ap.add_argument("--num_classes", type=int, help="new head size (re-initialised)")

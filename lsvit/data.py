@@ -72,7 +72,8 @@ class TfdsSource:
         raise DataError(
             f"{name} is prepared at {builder.data_dir} in a format without random access "
             f"({type(e).__name__}). Re-prepare it as ArrayRecord:\n  tfds build {name} "
-            f"--file_format=array_record" + (f" --data_dir={data_dir}" if data_dir else "")) from None
+            f"--file_format=array_record" +
+            (f" --data_dir={data_dir}" if data_dir else "")) from None
       if not prepare:  # tfds would silently start a download: only when asked for
         raise DataError(_prepare_instructions(name, builder)) from None
       builder.download_and_prepare(file_format="array_record")
@@ -95,10 +96,13 @@ def _prepare_instructions(name, builder) -> str:
   manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if manual:
     manual_dir = os.path.join(where, "downloads", "manual")
-    msg += [f"It needs a manual download. Put the files in {manual_dir}:",
-            "  " + " ".join(manual.split()),
-            "then prepare it (needs `pip install tensorflow` once, for preparation only):",
-            f"  tfds build {name} --file_format=array_record --data_dir={where} --manual_dir={manual_dir}"]
+    msg += [
+        f"It needs a manual download. Put the files in {manual_dir}:",
+        "  " + " ".join(manual.split()),
+        "then prepare it (needs `pip install tensorflow` once, for preparation only):",
+        f"  tfds build {name} --file_format=array_record --data_dir={where} "
+        f"--manual_dir={manual_dir}"
+    ]
   else:
     msg += ["Prepare it once (needs `pip install tensorflow` for preparation only):",
             f"  tfds build {name} --file_format=array_record --data_dir={where}",
@@ -110,12 +114,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 
 class FolderSource:
-  """``root/<split>/<class name>/<image>``; classes are the sorted sub-folders of the train split."""
+  """``root/<split>/<class name>/<image>``; classes: the sorted sub-folders of the train split."""
 
   def __init__(self, root: str, split: str, classes=None):
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-      raise DataError(f"image folder {split_dir} not found: expected {root}/{split}/<class>/<image files>")
+      raise DataError(
+          f"image folder {split_dir} not found: expected {root}/{split}/<class>/<image files>")
     self.classes = classes or sorted(d for d in os.listdir(split_dir)
                                      if os.path.isdir(os.path.join(split_dir, d)))
     self.items = []
@@ -156,7 +161,8 @@ def get_source(data_cfg, split: str):
     return digits(split)
   if name == "folder":
     train = FolderSource(data_cfg.dir, data_cfg.train_split)
-    return train if split == data_cfg.train_split else FolderSource(data_cfg.dir, split, train.classes)
+    return train if split == data_cfg.train_split else FolderSource(data_cfg.dir, split,
+                                                                    train.classes)
   return TfdsSource(name, split, data_cfg.get("data_dir") or None, data_cfg.get("prepare", False))
 
 
@@ -233,8 +239,16 @@ class Loader:
   Evaluation: every example once in order, the last batch padded; ``mask`` marks real rows.
   """
 
-  def __init__(self, source, preprocess: Preprocess, global_batch: int, *, train: bool, seed: int = 0,
-               process_index: int = 0, process_count: int = 1, num_threads: int = 8,
+  def __init__(self,
+               source,
+               preprocess: Preprocess,
+               global_batch: int,
+               *,
+               train: bool,
+               seed: int = 0,
+               process_index: int = 0,
+               process_count: int = 1,
+               num_threads: int = 8,
                prefetch: int = 4):
     if global_batch % process_count:
       raise ValueError(f"global batch {global_batch} is not divisible by {process_count} hosts")
@@ -244,7 +258,8 @@ class Loader:
     self.num_threads, self.prefetch = num_threads, prefetch
     n = len(source)
     if train and n < global_batch:
-      raise ValueError(f"the training split has {n} examples, fewer than one batch of {global_batch}")
+      raise ValueError(
+          f"the training split has {n} examples, fewer than one batch of {global_batch}")
     self.steps_per_epoch = n // global_batch if train else -(-n // global_batch)
 
   def _epoch_indices(self, epoch: int) -> np.ndarray:

@@ -7,32 +7,28 @@ indices, and runs block ``order[i]`` at position i by indexing the stack. So:
   * one compiled program serves every order of a given length (no retracing);
   * a pruned model is a shorter order, a merged model is a gathered stack.
 
-Implementation choice (``impl``), measured by ``bench/order_impl.py`` against the plain
-model on this project's 2-core CPU, recorded in BENCHMARKS.md: 'fetch' (default) copies
-each layer's weights out of the stack just before it runs, forward and backward, with a
-hand-written backward that keeps no weights (the plain model's time and memory);
-'permute' gathers the whole stack into execution order once per training step (same time,
-9-15% more memory); 'gather' indexes the stack inside a ``lax.scan``; 'unrolled' indexes
-it in an unrolled loop; 'switch' dispatches with ``lax.switch`` over L branches;
-'sequential' is the plain model (separate per-layer parameters, original order only), the
-reference. Without training (no backward) 'fetch' and 'permute' index inside the scan as
-'gather' does: no copies, measured faster.
+Implementations (``impl``; measured choice in BENCHMARKS.md): 'fetch' (training default:
+each layer's weights copied out of the stack as it runs, forward and backward, see
+``lsvit/fetch.py``), 'gather' (the stack indexed inside a ``lax.scan``; what 'fetch' does
+without training), 'switch' (``lax.switch`` over the L layers), 'sequential' (the plain model
+with per-layer parameters, original order only: the reference).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import re
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsvit import fetch as fetch_lib
 from lsvit import order as order_lib
 
-IMPLS = ("fetch", "permute", "gather", "unrolled", "switch", "sequential")
+IMPLS = ("fetch", "gather", "switch", "sequential")
 
 # name -> (width, depth, mlp_dim, heads); big_vision's table.
 SIZES = {
@@ -45,7 +41,10 @@ SIZES = {
 }
 
 
-def decode_variant(name: str) -> dict:
+DIMENSIONS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+
+
+def decode_name(name: str) -> dict:
   """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
   m = re.fullmatch(r"(Ti|S|M|B|L|H)/(\d+)", name)
   if not m:
@@ -165,132 +164,6 @@ class Block(nn.Module):
     return x, pos_logits
 
 
-@jax.custom_vjp
-def permute_layers(stack, order):
-  """``stack[order]`` for every leaf: the layers in execution order, gathered once.
-
-  The gradient is the inverse gather when ``order`` is a permutation of all layers
-  (training), instead of the generic scatter-add XLA would emit; a shorter (pruned)
-  order scatters into zeros."""
-  return jax.tree.map(lambda a: jnp.take(a, order, axis=0), stack)
-
-
-def _permute_fwd(stack, order):
-  return permute_layers(stack, order), (order, jax.tree.map(lambda a: a.shape[0], stack))
-
-
-def _unpermute(g, order, sizes):
-  """Per-layer values in execution order (``g``, stacked) -> the stack's order: the inverse
-  gather for a permutation of all layers, a scatter into zeros for a shorter order."""
-
-  def back(g, n):
-    if order.shape[0] == n:  # a permutation (orders are validated): invert it
-      return jnp.take(g, jnp.argsort(order), axis=0)
-    return jnp.zeros((n,) + g.shape[1:], g.dtype).at[order].add(g)
-
-  return jax.tree.map(back, g, sizes)
-
-
-def _permute_bwd(res, g):
-  order, sizes = res
-  return _unpermute(g, order, sizes), None
-
-
-permute_layers.defvjp(_permute_fwd, _permute_bwd)
-
-
-def _layer(stack, idx):
-  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, idx, 0, keepdims=False), stack)
-
-
-def _after(x, idx):
-  """``idx``, made to depend on ``x``, so that a layer's weights are copied out of the stack
-  only once ``x`` exists, and a backward copy is never merged with the forward's (which
-  would keep every layer's copy alive). ``fetch_layers`` passes the previous layer's input:
-  the copy for layer i then overlaps layer i-1's work (measured 2% faster at Ti/16, 32 px,
-  than waiting for layer i's own input) and at most two copies are alive. Elsewhere
-  ``optimization_barrier`` says this; XLA's CPU pipeline drops it, and its scheduler then
-  copies every layer at the start and keeps them all (forward temporary memory 21.7 vs
-  2.1 MiB at Ti/16, 32 px), so on CPU the dependency is a zero computed from x that the
-  simplifier cannot see through (under data parallelism it costs a scalar reduction per
-  layer, which is why other backends keep the barrier)."""
-  if jax.default_backend() != "cpu":
-    return jax.lax.optimization_barrier((x, idx))[1]
-  bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
-  return idx + jnp.minimum(jnp.abs(jax.lax.shift_right_arithmetic(bits, 31)), 0)
-
-
-class _Saved:
-  """A layer's pullback with its weights taken out (re-read from the stack when needed)."""
-
-  def __init__(self, leaves, static):
-    self.leaves, self.static = leaves, static
-
-
-jax.tree_util.register_pytree_node(_Saved, lambda s: (s.leaves, s.static),
-                                   lambda static, leaves: _Saved(list(leaves), static))
-
-
-def fetch_layers(layer_fn, n):
-  """``layer_fn(weights, shared, x, i, extras) -> (x, out)`` run for i < n on layer ``order[i]``.
-
-  Each layer's weights are copied out of the stack as it is about to run, forward and again
-  backward, and are not kept in between: the backward saves activations only. So a
-  runtime order costs the plain model's memory plus about two layers (measured 1.02x at
-  S/16, 1.04x at Ti/16 32 px), where ``permute_layers`` keeps a permuted copy of every
-  layer through the step (1.09x, 1.15x); both take about the plain model's time.
-  ``shared`` (the position table) gets the summed gradient, ``order`` and ``extras`` (flags,
-  keys) none. Orders name each layer at most once (``order.check_order``)."""
-
-  def run(stack, shared, x, order, extras):
-    outs, prev = [], x
-    for i in range(n):
-      w = _layer(stack, _after(prev, order[i]))
-      prev = x
-      x, out = layer_fn(w, shared, x, i, extras)
-      outs.append(out)
-    return x, outs
-
-  def fwd(stack, shared, x, order, extras):
-    saved, outs, prev = [], [], x
-    for i in range(n):
-      w = _layer(stack, _after(prev, order[i]))
-      prev = x
-      (x, out), pullback = jax.vjp(lambda w, s, x: layer_fn(w, s, x, i, extras), w, shared, x)
-      leaves, treedef = jax.tree.flatten(pullback)
-      wl = jax.tree.leaves(w)
-      # The pullback holds the weights it multiplies by (found by identity): drop them.
-      slots = tuple(next((k for k, t in enumerate(wl) if t is leaf), -1) for leaf in leaves)
-      saved.append(_Saved([None if s >= 0 else leaf for leaf, s in zip(leaves, slots)],
-                          (treedef, slots)))
-      outs.append(out)
-    return (x, outs), (stack, order, saved)
-
-  def bwd(res, g):
-    stack, order, saved = res
-    gx, gouts = g
-    gws, gshared, prev = [], None, gx
-    for i in reversed(range(n)):
-      wl = jax.tree.leaves(_layer(stack, _after(prev, order[i])))
-      prev = gx
-      treedef, slots = saved[i].static
-      pullback = jax.tree.unflatten(treedef, [wl[s] if s >= 0 else leaf
-                                              for leaf, s in zip(saved[i].leaves, slots)])
-      gw, gs, gx = pullback((gx, gouts[i]))
-      gws.append(gw)
-      gshared = gs if gshared is None else jax.tree.map(jnp.add, gshared, gs)
-    # Gradients in execution order, stacked, then put in the stack's order (inverse gather).
-    # Tried: writing each into a zero stack in place, which XLA allocates at the start of
-    # the backward (+20 MiB at Ti/16, 32 px) for no gain in time.
-    gstack = jax.tree.map(lambda *g: jnp.stack(g[::-1]), *gws)
-    gstack = _unpermute(gstack, order, jax.tree.map(lambda a: a.shape[0], stack))
-    return gstack, gshared, gx, None, None
-
-  f = jax.custom_vjp(run)
-  f.defvjp(fwd, bwd)
-  return f
-
-
 class Encoder(nn.Module):
   """Runs the stacked blocks in ``order``. The one place layers are executed."""
   depth: int
@@ -301,79 +174,48 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, order, active=None, train=False, capture=False):
     block = self.block.clone(parent=None)  # an unbound template: apply() is a pure function
-    shared_table = None
+    table = None
     if block.variant == "position" and block.pos_table == "shared":
-      shared_table = self.param("layer_pos_embedding", nn.initializers.normal(0.02),
-                                (self.depth, block.pos_dim))
+      table = self.param("layer_pos_embedding", nn.initializers.normal(0.02),
+                         (self.depth, block.pos_dim))
+    key = self.make_rng("dropout") if train and _uses_dropout(block) else None
 
-    def init_stack(rng):  # each layer initialised independently, stacked on axis 0
-      keys = jax.random.split(rng, self.depth)
-      emb0 = None if shared_table is None else shared_table[0]
-      return jax.vmap(lambda k: block.init(k, x[:1], 0, emb0)["params"])(keys)
-
-    stack = None if self.impl == "sequential" else self.param("encoderblock", init_stack)
-    dropout_key = self.make_rng("dropout") if train and _uses_dropout(block) else None
-
-    def run_block(params, x, position, table=shared_table, key=dropout_key):
+    def run_block(params, x, position, table=table, key=key):
       rngs = {} if key is None else {"dropout": jax.random.fold_in(key, position)}
       emb = None if table is None else table[position]
       return block.apply({"params": params}, x, position, emb, not train, rngs=rngs)
 
-    def skip(x):  # LayerDrop: a skipped layer costs nothing and passes x through.
-      return x, _no_pos_logits(block, x)
-
     def finish(layer, x, act):  # one position: the layer (or LayerDrop's skip) and its outputs
+      skip = lambda x: (x, _no_pos_logits(block, x))  # a skipped layer costs nothing
       y, pos_logits = layer(x) if active is None else jax.lax.cond(act, layer, skip, x)
       return y, {"pos_logits": pos_logits, "hidden": y if capture else None}
 
-    def take(idx):
-      return jax.tree.map(lambda a: jnp.asarray(a)[idx], stack)
-
-    if self.impl == "switch":
-      branches = [functools.partial(lambda l, x, p: run_block(take(l), x, p), l)
-                  for l in range(self.depth)]
-      apply_layer = lambda idx, x, p: jax.lax.switch(idx, branches, x, p)
-    else:
-      apply_layer = lambda idx, x, p: run_block(take(idx), x, p)
-
-    def step(x, inputs, params=None):
-      position, idx, act = inputs
-      layer = ((lambda x: apply_layer(idx, x, position)) if params is None
-               else (lambda x: run_block(params, x, position)))
-      return finish(layer, x, act)
-
-    if self.remat:
-      step = jax.checkpoint(step)
-    n = order.shape[0]
-    positions = jnp.arange(n, dtype=jnp.int32)
-    act = jnp.ones((n,), bool) if active is None else active
-
+    act = jnp.ones((order.shape[0],), bool) if active is None else active
     if self.impl == "sequential":
       # The plain model, the measurement reference: separate parameters per layer
       # (encoderblock_0 ... encoderblock_{L-1}, as non-scanned big_vision), fixed order.
       # Its parameters are not stacked: convert with ``unstack``.
       outs = []
-      for i in range(n):
+      for i in range(order.shape[0]):
         p = self.param(f"encoderblock_{i}", lambda rng: block.init(rng, x[:1], 0, None)["params"])
         y, pos_logits = run_block(p, x, i)
         x = y if active is None else jnp.where(act[i], y, x)
         outs.append({"pos_logits": pos_logits, "hidden": x if capture else None})
-      return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    # 'fetch' and 'permute' are training paths. Without training a forward needs no gradient,
-    # and indexing the stack inside the scan avoids copies (measured faster; same arithmetic).
-    if self.impl == "permute" and train:
-      perm = permute_layers(stack, order)
-      # Split, not a[i]: the gradient of a split is one concatenate, while the gradients of
-      # L static slices are L zero-padded full stacks summed (O(L^2) traffic).
-      parts = jax.tree.map(lambda a: [jnp.squeeze(p, 0) for p in jnp.split(a, n, axis=0)], perm)
-      layers = [jax.tree.map(lambda _, ps: ps[i], stack, parts,
-                             is_leaf=lambda t: isinstance(t, list)) for i in range(n)]
-      outs = []
-      for i in range(n):
-        x, out = step(x, (i, i, act[i]), layers[i])
-        outs.append(out)
-      aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
-      return x, aux
+      return x, _stack(outs)
+
+    def init_stack(rng):  # each layer initialised independently, stacked on axis 0
+      emb0 = None if table is None else table[0]
+      return jax.vmap(lambda k: block.init(k, x[:1], 0, emb0)["params"])(
+          jax.random.split(rng, self.depth))
+
+    stack = self.param("encoderblock", init_stack)
+    return self.run_layers(run_block, finish, stack, table, key, x, order, act, train)
+
+  def run_layers(self, run_block, finish, stack, table, key, x, order, act, train):
+    """Positions 0..n-1 running layers ``order`` of ``stack``: (x, per-position outputs).
+    Without training no gradient is needed, and 'fetch' indexes the stack inside the scan as
+    'gather' does (no copies; measured faster)."""
+    n = order.shape[0]
     if self.impl == "fetch" and train:
       # The position table and dropout key go in as arguments: a custom gradient must not
       # close over them.
@@ -382,16 +224,28 @@ class Encoder(nn.Module):
         layer = lambda x: run_block(w, x, i, table, key)
         return finish(jax.checkpoint(layer) if self.remat else layer, x, act[i])
 
-      x, outs = fetch_layers(layer_fn, n)(stack, shared_table, x, order, (act, dropout_key))
-      return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    if self.impl == "unrolled":  # a Python loop over positions fetching order[i] by dynamic index
-      outs = []
-      for i in range(n):
-        x, out = step(x, (i, order[i], act[i]))
-        outs.append(out)
-      aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
-      return x, aux
-    return jax.lax.scan(step, x, (positions, order, act))
+      x, outs = fetch_lib.fetch_layers(layer_fn, n)(stack, table, x, order, (act, key))
+      return x, _stack(outs)
+
+    take = lambda idx: jax.tree.map(lambda a: jnp.asarray(a)[idx], stack)
+    if self.impl == "switch":
+      branches = [functools.partial(lambda l, x, p: run_block(take(l), x, p), l)
+                  for l in range(self.depth)]
+      apply_layer = lambda idx, x, p: jax.lax.switch(idx, branches, x, p)
+    else:
+      apply_layer = lambda idx, x, p: run_block(take(idx), x, p)
+
+    def step(x, inputs):
+      position, idx, a = inputs
+      return finish(lambda x: apply_layer(idx, x, position), x, a)
+
+    if self.remat:
+      step = jax.checkpoint(step)
+    return jax.lax.scan(step, x, (jnp.arange(n, dtype=jnp.int32), order, act))
+
+
+def _stack(outs):
+  return jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else {}
 
 
 def _uses_dropout(block):
@@ -412,6 +266,8 @@ class ViT(nn.Module):
   [n, B, tokens, width] (each executed layer's output, in execution order) and
   ``embedded`` [B, tokens, width] (the first layer's input).
   """
+  impls = IMPLS     # class attributes, not fields: what bench/lost_impls.py extends
+  encoder = Encoder
   num_classes: int = 1000
   image_size: int = 224
   channels: int = 3
@@ -445,7 +301,8 @@ class ViT(nn.Module):
     want = (self.image_size, self.image_size, self.channels)
     if images.ndim != 4 or tuple(images.shape[1:]) != want:
       hint = ""
-      if images.ndim == 4 and images.shape[1] == self.channels and images.shape[-1] != self.channels:
+      channels_first = images.ndim == 4 and images.shape[1] == self.channels
+      if channels_first and images.shape[-1] != self.channels:
         hint = " (looks channels-first: transpose to NHWC)"
       raise ValueError(f"expected images of shape [batch, {want[0]}, {want[1]}, {want[2]}] (NHWC), "
                        f"got {tuple(images.shape)}{hint}; resize the input or set the model's "
@@ -456,8 +313,9 @@ class ViT(nn.Module):
     self.check_images(images)
     if self.variant not in order_lib.VARIANTS:
       raise ValueError(f"unknown variant {self.variant!r}; choose one of {order_lib.VARIANTS}")
-    if self.impl not in IMPLS:
-      raise ValueError(f"unknown impl {self.impl!r}; choose one of {IMPLS} (see BENCHMARKS.md)")
+    if self.impl not in self.impls:
+      raise ValueError(
+          f"unknown impl {self.impl!r}; choose one of {self.impls} (see BENCHMARKS.md)")
     valid = None  # a traced order is checked on the device: see ``poison``
     if order is None:
       order = jnp.arange(self.depth, dtype=jnp.int32)
@@ -470,10 +328,11 @@ class ViT(nn.Module):
       if not jnp.issubdtype(order.dtype, jnp.integer):
         raise ValueError(f"layer order must contain integer layer indices, got {order.dtype}")
       valid = order_lib.order_is_valid(order, self.depth)
-    if self.impl == "sequential" and (
-        order.shape[0] != self.depth or
-        (not isinstance(order, jax.core.Tracer) and (np.asarray(order) != np.arange(self.depth)).any())):
-      raise ValueError("impl='sequential' runs the original order only; use impl='gather' for others")
+    if self.impl == "sequential" and (order.shape[0] != self.depth or
+                                      (not isinstance(order, jax.core.Tracer) and
+                                       (np.asarray(order) != np.arange(self.depth)).any())):
+      raise ValueError(
+          "impl='sequential' runs the original order only; use impl='gather' for others")
 
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, name="embedding")(images.astype(self.dtype))
@@ -493,7 +352,7 @@ class ViT(nn.Module):
                   variant=self.variant, pos_dim=self.pos_dim, pos_table=self.pos_table,
                   dropout=self.dropout, attn_dropout=self.attn_dropout, ln_eps=self.ln_eps,
                   attention=self.attention, dtype=self.dtype, parent=None)
-    x, aux = Encoder(self.depth, block, self.impl, self.remat, name="Transformer")(
+    x, aux = self.encoder(self.depth, block, self.impl, self.remat, name="Transformer")(
         x, order, active, train, capture)
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="encoder_norm")(x)
 
@@ -523,17 +382,17 @@ def poison(outputs: dict, valid):
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ViT) if f.name not in ("parent", "name"))
 
 
-def build(cfg) -> ViT:
+def build(cfg, cls=None) -> ViT:
   """A ViT from a config dict: optional ``name`` ('B/16') plus any ViT field."""
   cfg = dict(cfg)
-  kw = decode_variant(cfg.pop("name")) if cfg.get("name") else {}
+  kw = decode_name(cfg.pop("name")) if cfg.get("name") else {}
   unknown = sorted(set(cfg) - set(MODEL_FIELDS))
   if unknown:
     raise ValueError(f"unknown model config fields {unknown}; known: {sorted(MODEL_FIELDS)}")
   kw.update(cfg)
   if isinstance(kw.get("dtype"), str):
     kw["dtype"] = jnp.dtype(kw["dtype"])
-  return ViT(**kw)
+  return (cls or ViT)(**kw)
 
 
 def unstack(params):

@@ -37,7 +37,8 @@ def check_order(order, num_layers: int) -> np.ndarray:
   bad = arr[(arr < 0) | (arr >= num_layers)]
   if bad.size:
     raise ValueError(
-        f"layer order has out-of-range entries {bad.tolist()}: indices must be in [0, {num_layers})")
+        f"layer order has out-of-range entries {bad.tolist()}: indices must be in [0, {num_layers})"
+    )
   values, counts = np.unique(arr, return_counts=True)
   if (counts > 1).any():
     raise ValueError(

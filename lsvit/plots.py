@@ -62,27 +62,20 @@ def umap_panels(results, layer: int, path: str) -> str:
   return path
 
 
-def per_layer_normalised(row):
-  """One layer's contributions by position, each divided by the layer's largest (so layers
-  of different scales compare); shared by the Fig. 4d plot and its Spearman statistic."""
-  top = max((max(c) for c in row if c), default=1.0) or 1.0
-  return [np.asarray(c, dtype=float) / top for c in row]
-
-
 def ridge_panels(results, path: str) -> str:
   """One ridge per layer (original order, top to bottom), a histogram per position
-  (colour), of the contribution norm normalised by that layer's largest one."""
+  (colour), of the contribution norm normalised by that layer's largest one
+  (``results[i]['normalised'][layer][position]``, from ``evaluators.per_layer_normalised``)."""
   import matplotlib
   cmap = matplotlib.colormaps["viridis"]
-  depth = len(results[0]["contributions"])
+  depth = len(results[0]["normalised"])
   fig = _figure(figsize=(5.5 * len(results), 0.55 * depth + 1.5))
   axes = fig.subplots(1, len(results), squeeze=False)
   for ax, r in zip(axes[0], results):
-    table = r["contributions"]
     bins = np.linspace(0, 1, 41)
     for l in range(depth):
       base = depth - 1 - l
-      for p, vals in enumerate(per_layer_normalised(table[l])):
+      for p, vals in enumerate(r["normalised"][l]):
         if len(vals) < 2:
           continue
         h, edges = np.histogram(vals, bins=bins, density=True)

@@ -31,6 +31,11 @@ from lsvit import order as order_lib
 
 # Fields that may change when a run is resumed (everything else must match).
 RESUMABLE_FIELDS = ("num_epochs", "log_every_steps", "eval_orders", "progress", "data.num_threads")
+# Fields added to configs/default.py after runs were saved, and the value those runs had in
+# effect: a saved config without one matches a config holding this value (tested).
+ADDED_FIELDS = {"model.name": "", "model.width": 0, "model.depth": 0, "model.mlp_dim": 0,
+                "model.num_heads": 0, "model.patch_size": 0, "pretrain_epochs": 0,
+                "pretrain_lr": 1e-3, "refine_from_pretrain": True}
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,12 +47,18 @@ class TrainingDiverged(RuntimeError):
 def model_config(config, num_classes: int) -> dict:
   """The model fields of ``config`` (decoded 'B/16' name, variant, dtype, depth kept)."""
   cfg = dict(config.model)
-  name = cfg.pop("name", "")  # "" or absent: the dimensions are given field by field
-  if name:
-    cfg = {**model_lib.decode_variant(name), **cfg}
-  cfg.update(variant=config.variant, pos_table=config.get("pos_table", "shared"),
-             dtype=config.get("compute_dtype", "float32"))
-  if config.get("keep_layers"):
+  name = cfg.pop("name")
+  given = {k: cfg.pop(k) for k in model_lib.DIMENSIONS if cfg[k]}  # 0: from the name
+  for k in model_lib.DIMENSIONS:
+    cfg.pop(k, None)
+  dims = {**(model_lib.decode_name(name) if name else {}), **given}
+  missing = [k for k in model_lib.DIMENSIONS if k not in dims]
+  if missing:
+    raise ValueError(f"model.{missing[0]} is 0 and model.name is empty: set model.name (e.g. "
+                     f"'B/16') or model.{', model.'.join(missing)}")
+  cfg = {**dims, **cfg}
+  cfg.update(variant=config.variant, pos_table=config.pos_table, dtype=config.compute_dtype)
+  if config.keep_layers:
     cfg["depth"] = int(config.keep_layers)
   if not cfg.get("num_classes"):
     cfg["num_classes"] = num_classes
@@ -76,9 +87,9 @@ def make_optimizer(config, total_steps: int):
 
 def initial_params(config, model, log=print):
   init = model_lib.init_params(model, config.seed)
-  src = config.get("init_from") or ""
+  src = config.init_from
   if not src:
-    if config.get("keep_layers"):
+    if config.keep_layers:
       raise ValueError("keep_layers needs a pretrained model to keep layers of: set init_from")
     return init
   if src.split(":", 1)[0] in ("hf", "timm", "npz"):
@@ -86,8 +97,7 @@ def initial_params(config, model, log=print):
   else:
     params, _ = ckpt_lib.load_params(src)
   log(f"initialising from {src}")
-  return convert.adapt(params, init, model, config.get("keep_layers") or None,
-                       config.get("keep_method", "first"))
+  return convert.adapt(params, init, model, config.keep_layers or None, config.keep_method)
 
 
 def _flatten_cfg(d, prefix=""):
@@ -102,6 +112,7 @@ def _flatten_cfg(d, prefix=""):
 
 def _check_resumable(saved: dict, current: dict, workdir: str):
   a, b = _flatten_cfg(saved), _flatten_cfg(current)
+  a.update({k: v for k, v in ADDED_FIELDS.items() if k not in a})
   diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS]
   if diff:
@@ -188,7 +199,7 @@ def make_train_step(model, tx, config):
     step_key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
     order_key, dropout_key = jax.random.split(step_key)
     order, active = order_lib.training_order(config.variant, order_key, depth,
-                                             config.get("layerdrop", 0.0))
+                                             config.layerdrop)
 
     def loss_fn(params):
       out = model.apply({"params": params}, batch["image"], order, train=True, active=active,
@@ -214,44 +225,35 @@ def make_train_step(model, tx, config):
   return train_step
 
 
-def make_eval_step(model):
-  """Sums (not means) so padded batches and several hosts add up exactly."""
+def classification_sums(logits, labels, mask) -> dict:
+  """Sums (not means) of CE, top-1 and top-5 hits and examples over the rows ``mask`` keeps,
+  so that padded batches and several hosts add up exactly."""
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  return {"ce": (cross_entropy(logits, labels) * mask).sum(),
+          "top1": ((logits.argmax(-1) == labels) & mask).sum(),
+          "top5": ((top5 == labels[:, None]).any(-1) & mask).sum(),
+          "count": mask.sum()}
 
+
+def make_eval_step(model):
   def eval_step(params, batch, order):
     out = model.apply({"params": params}, batch["image"], order)
-    logits, labels, mask = out["logits"], batch["label"], batch["mask"]
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    sums = {
-        "ce": (cross_entropy(logits, labels) * mask).sum(),
-        "top1": ((logits.argmax(-1) == labels) & mask).sum(),
-        "top5": ((top5 == labels[:, None]).any(-1) & mask).sum(),
-        "count": mask.sum(),
-    }
+    sums = classification_sums(out["logits"], batch["label"], batch["mask"])
     if "pos_logits" in out:
       hit = out["pos_logits"].argmax(-1) == jnp.arange(order.shape[0])[:, None]
-      sums["position_hits"] = (hit & mask[None]).sum(axis=1)  # per position [n]
+      sums["position_hits"] = (hit & batch["mask"][None]).sum(axis=1)  # per position [n]
     return sums
 
   return eval_step
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- placement
 
-@dataclasses.dataclass
-class Run:
-  """Everything a training run needs; also used by tests and evaluation."""
-  config: Any
-  model: model_lib.ViT
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where arrays live: parameters replicated on every device of a 1-D mesh ('data'),
+  batches split over it on their leading axis."""
   mesh: Mesh
-  train_loader: data_lib.Loader
-  eval_loader: data_lib.Loader
-  tx: Any
-  train_step: Any
-  eval_step: Any
-  steps_per_epoch: int
-  total_steps: int
-  model_cfg: Optional[dict] = None  # the model's fields, as saved in model.json
-  eval_fn: Any = None  # the jitted eval_step, once made (evaluation reuses it across runs)
 
   @property
   def replicated(self):
@@ -282,14 +284,94 @@ class Run:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
 
+  def jit(self, fn, args: str = "rbr", donate_argnums=()):
+    """``fn`` compiled for this placement: ``args`` says, argument by argument, replicated (r)
+    or a batch (b); every output is replicated."""
+    shard = {"r": self.replicated, "b": self.batch_sharding}
+    return jax.jit(fn, in_shardings=tuple(shard[a] for a in args), out_shardings=self.replicated,
+                   donate_argnums=donate_argnums)
+
 
 def make_mesh():
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def build_run(config, mesh: Optional[Mesh] = None) -> Run:
-  mesh = mesh or make_mesh()
-  n_dev = mesh.devices.size
+# ----------------------------------------------------------------------------- evaluation
+
+class Evaluation:
+  """A model's metrics over one loader (training's validation, the final summary and every
+  evaluator): one compiled step, a layer order per batch given as data."""
+
+  def __init__(self, model, placement: Placement, loader: data_lib.Loader):
+    self.model, self.placement, self.loader = model, placement, loader
+    self.step = placement.jit(make_eval_step(model))
+
+  def __call__(self, params, orders, desc: Optional[str] = None) -> dict:
+    """Loss/top-1/top-5 (and position accuracy for 'predict'). ``orders`` [k, n]: batch b of
+    pass p runs order ``orders[(p * steps + b) % k]``; there are ceil(k / steps) passes, so
+    k random orders give every batch a fresh order (one row: that order for every batch)."""
+    orders = np.atleast_2d(np.asarray(orders))
+    if orders.ndim != 2:
+      raise ValueError(f"orders must be [k, n] (one order per row), got shape {orders.shape}")
+    # Validated here, on the host: inside jit an out-of-range index would silently clamp.
+    orders = np.stack([order_lib.check_order(o, self.model.depth) for o in orders])
+    total, passes = self.sums(lambda batch, order: self.step(params, batch, order), orders, desc)
+    out = self.metrics(total, passes)
+    out["orders"] = int(min(len(orders), passes * self.loader.steps_per_epoch))
+    if "position_hits" in total:
+      n = max(float(total["count"]), 1.0)
+      out["position_accuracy"] = float(total["position_hits"].sum() / (n * orders.shape[1]))
+      out["position_accuracy_per_position"] = (total["position_hits"] / n).tolist()
+    return out
+
+  def sums(self, fn, per_batch, desc: Optional[str] = None):
+    """``fn(batch, per_batch[i])`` summed over ceil(k / steps) passes of the loader, batch b of
+    pass p given row (p * steps + b) % k of ``per_batch`` [k, ...]; returns (sums, passes)."""
+    steps = self.loader.steps_per_epoch
+    passes = -(-len(per_batch) // steps)
+    bar = None
+    if desc and jax.process_index() == 0:
+      from tqdm import tqdm
+      bar = tqdm(total=passes * steps, desc=desc, leave=False, unit="batch")
+    total = None
+    for p in range(passes):
+      for b, batch in enumerate(self.loader.iterate(0)):
+        row = self.placement.replicate(per_batch[(p * steps + b) % len(per_batch)])
+        sums = fn(self.placement.to_global(batch), row)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        if bar:
+          bar.update(1)
+    if bar:
+      bar.close()
+    return {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}, passes
+
+  @staticmethod
+  def metrics(total: dict, passes: int) -> dict:
+    n = max(float(total["count"]), 1.0)
+    return {"loss": float(total["ce"] / n), "top1": float(total["top1"] / n),
+            "top5": float(total["top5"] / n), "examples": int(round(n / passes))}
+
+
+# ----------------------------------------------------------------------------- the set-up
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything a training run needs: model, data, optimizer, compiled steps."""
+  config: Any
+  model: model_lib.ViT
+  placement: Placement
+  train_loader: data_lib.Loader
+  evaluation: Evaluation
+  tx: Any
+  train_step: Any  # compiled
+  steps_per_epoch: int
+  total_steps: int
+  model_cfg: dict  # the model's fields, as saved in model.json
+
+
+def build_setup(config, mesh: Optional[Mesh] = None) -> TrainSetup:
+  placement = Placement(mesh or make_mesh())
+  n_dev = placement.mesh.devices.size
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % n_dev:
       raise ValueError(f"{name}={config[name]} is not divisible by the {n_dev} devices; "
@@ -306,66 +388,19 @@ def build_run(config, mesh: Optional[Mesh] = None) -> Run:
   model = model_lib.build(mcfg)
   channels, size = model.channels, model.image_size
   pp = lambda augment: data_lib.Preprocess(d.preprocess, size, channels, augment,
-                                           tuple(d.get("crop_scale", (0.08, 1.0))), d.get("flip", True))
+                                           tuple(d.crop_scale), d.flip)
   common = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                num_threads=d.get("num_threads", 8))
-  train_loader = data_lib.Loader(train_src, pp(d.get("augment", False)), config.batch_size,
+                num_threads=d.num_threads)
+  train_loader = data_lib.Loader(train_src, pp(d.augment), config.batch_size,
                                  train=True, seed=config.seed, **common)
   eval_loader = data_lib.Loader(eval_src, pp(False), config.eval_batch_size, train=False, **common)
   steps_per_epoch = train_loader.steps_per_epoch
   total = steps_per_epoch * config.num_epochs
   tx, _ = make_optimizer(config, total)
-  return Run(config, model, mesh, train_loader, eval_loader, tx,
-             make_train_step(model, tx, config), make_eval_step(model), steps_per_epoch, total, mcfg)
-
-
-def jit_eval(run: Run):
-  rep = run.replicated
-  return jax.jit(run.eval_step, in_shardings=(rep, run.batch_sharding, rep), out_shardings=rep)
-
-
-def jit_steps(run: Run):
-  rep, data = run.replicated, run.batch_sharding
-  train = jax.jit(run.train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
-                  donate_argnums=(0,))
-  return train, jit_eval(run)
-
-
-def evaluate(run: Run, params, orders, eval_fn=None, desc=None) -> dict:
-  """Top-1/top-5/CE over the eval split. ``orders`` [k, n]: batch b of pass p runs order
-  ``orders[(p * steps + b) % k]``; there are ceil(k / steps) passes, so k random orders
-  give every batch a fresh order (a single row = one order for every batch)."""
-  eval_fn = eval_fn or run.eval_fn or jit_eval(run)
-  orders = np.atleast_2d(np.asarray(orders))
-  if orders.ndim != 2:
-    raise ValueError(f"orders must be [k, n] (one order per row), got shape {orders.shape}")
-  # Validated here, on the host: inside jit an out-of-range index would silently clamp.
-  orders = np.stack([order_lib.check_order(o, run.model.depth) for o in orders])
-  steps = run.eval_loader.steps_per_epoch
-  passes = -(-len(orders) // steps)
-  bar = None
-  if desc and jax.process_index() == 0:
-    from tqdm import tqdm
-    bar = tqdm(total=passes * steps, desc=desc, leave=False, unit="batch")
-  total = None
-  for p in range(passes):
-    for b, batch in enumerate(run.eval_loader.iterate(0)):
-      order = run.replicate(orders[(p * steps + b) % len(orders)])
-      sums = eval_fn(params, run.to_global(batch), order)
-      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-      if bar:
-        bar.update(1)
-  if bar:
-    bar.close()
-  total = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
-  n = max(float(total.pop("count")), 1.0)
-  out = {"loss": float(total["ce"] / n), "top1": float(total["top1"] / n),
-         "top5": float(total["top5"] / n), "examples": int(round(n / passes)),
-         "orders": int(min(len(orders), passes * steps))}
-  if "position_hits" in total:
-    out["position_accuracy"] = float(total["position_hits"].sum() / (n * orders.shape[1]))
-    out["position_accuracy_per_position"] = (total["position_hits"] / n).tolist()
-  return out
+  train_step = placement.jit(make_train_step(model, tx, config), "rb", donate_argnums=(0,))
+  return TrainSetup(config, model, placement, train_loader,
+                    Evaluation(model, placement, eval_loader), tx, train_step, steps_per_epoch,
+                    total, mcfg)
 
 
 class _Writer:
@@ -430,9 +465,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   log = log if main else (lambda *a, **k: None)
   check_config(config)
   ensure_writable(workdir)
-  run = build_run(config)
-  model = run.model
-  mcfg = run.model_cfg
+  setup = build_setup(config)
+  model, placement, evaluation = setup.model, setup.placement, setup.evaluation
+  mcfg = setup.model_cfg
   cfg_dict = json.loads(json.dumps(config.to_dict(), default=str))
 
   if check_workdir_identity(workdir, cfg_dict, mcfg) and main:
@@ -442,20 +477,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   ckpt_lib.sync("lsvit_workdir")  # every process sees model.json before reading it
   ckpts = ckpt_lib.RunCheckpoints(workdir, config.keep_checkpoints, log)
 
-  train_fn, eval_fn = jit_steps(run)
-  rep = run.replicated
+  rep = placement.replicated
 
   def fresh_state():
     params = initial_params(config, model, log)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": run.tx.init(params)}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": setup.tx.init(params)}
 
   resume = ckpts.resume_point()
   partial = None  # the epoch's metric sums so far, when resuming mid-epoch
   if resume is not None:
     abstract = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32),
                                        "params": model_lib.param_shapes(model),
-                                       "opt_state": run.tx.init(model_lib.param_shapes(model))})
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
+                                       "opt_state": setup.tx.init(model_lib.param_shapes(model))})
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                            abstract)
     state, meta = ckpts.restore_latest(resume, abstract)
     start_step = int(state["step"])
     partial = meta.get("partial")
@@ -466,13 +501,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     start_step = 0
     if main:  # records of a run stopped before its first checkpoint
       _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), 0, log)
-    state = run.replicate(fresh_state())
+    state = placement.replicate(fresh_state())
   writer = _Writer(workdir, main)
   best = ckpts.best_meta()
   best_loss = best["val"]["loss"] if best else math.inf
-  spe = run.steps_per_epoch
-  log_every = max(1, config.get("log_every_steps", 50))
-  show_bar = main and config.get("progress", True)
+  spe = setup.steps_per_epoch
+  log_every = max(1, config.log_every_steps)
+  show_bar = main and config.progress
 
   try:
     for epoch in range(start_step // spe, config.num_epochs):
@@ -481,18 +516,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       bar = None
       if show_bar:
         from tqdm import tqdm
-        bar = tqdm(total=spe, initial=first - epoch * spe, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=spe,
+                   initial=first - epoch * spe,
+                   desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                   unit="step",
+                   dynamic_ncols=True)
       acc_metrics, t0, seen = None, time.time(), 0
       done_before = 0  # steps of this epoch run before a mid-epoch resume
       if partial and first > epoch * spe and partial.get("step") == first:
-        acc_metrics = run.replicate({k: np.asarray(v, np.float32 if k != "nonfinite" else np.int32)
-                                     for k, v in partial["sums"].items()})
+        acc_metrics = placement.replicate({
+            k: np.asarray(v, np.float32 if k != "nonfinite" else np.int32)
+            for k, v in partial["sums"].items()
+        })
         done_before = partial["steps"]
       partial = None
-      batches = run.device_batches(run.train_loader.iterate(first, len(steps)))
+      batches = placement.device_batches(setup.train_loader.iterate(first, len(steps)))
       for step, batch in zip(steps, batches):
-        state, m = train_fn(state, batch)
+        state, m = setup.train_step(state, batch)
         acc_metrics = m if acc_metrics is None else jax.tree.map(jnp.add, acc_metrics, m)
         seen += 1
         if seen % log_every == 0 or step == steps[-1]:
@@ -512,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                             img_s=f"{rate:.0f}")
         if bar:
           bar.update(1)
-        if config.get("checkpoint_every_steps") and (step + 1) % config.checkpoint_every_steps == 0 \
+        if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 \
             and (step + 1) % spe:
           sums = {k: np.asarray(v).item() for k, v in jax.device_get(acc_metrics).items()}
           ckpts.save_latest(step + 1, state, {"epoch": epoch, "step": step + 1, "partial": {
@@ -523,7 +563,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       train_m = {k: float(v) / max(seen + done_before, 1)
                  for k, v in jax.device_get(acc_metrics).items() if k != "nonfinite"}
       elapsed = time.time() - t0
-      val = evaluate(run, state["params"], np.arange(model.depth)[None], eval_fn)
+      val = evaluation(state["params"], np.arange(model.depth)[None])
       record = {"epoch": epoch + 1, "train": train_m, "val": val,
                 "images_per_s": seen * config.batch_size / max(elapsed, 1e-9)}
       end_step = (epoch + 1) * spe
@@ -537,10 +577,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       if val["loss"] < best_loss:
         best_loss = val["loss"]
         ckpts.save_best(end_step, state["params"], record)
-      if (epoch + 1) % config.get("checkpoint_every_epochs", 1) == 0 or epoch + 1 == config.num_epochs:
+      if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
         ckpts.save_latest(end_step, state, {"epoch": epoch + 1, "step": end_step, **record})
     ckpts.wait()
-    summary = final_summary(run, ckpts, workdir, eval_fn, log)
+    summary = final_summary(setup, workdir, log)
   finally:
     ckpts.wait()
     ckpts.close()
@@ -548,22 +588,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   return summary
 
 
-def final_summary(run: Run, ckpts, workdir, eval_fn, log) -> dict:
+def final_summary(setup: TrainSetup, workdir: str, log=print) -> dict:
   """Sequential and arbitrary-order top-1/top-5 of the best (lowest val CE) parameters."""
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.replicated),
-                          model_lib.param_shapes(run.model))
+  rep = setup.placement.replicated
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                          model_lib.param_shapes(setup.model))
   params, meta = ckpt_lib.restore_best(workdir, abstract)
-  depth = run.model.depth
-  n_orders = run.config.get("eval_orders", 10)
-  rng = np.random.default_rng(run.config.get("eval_seed", 1234))
-  seq = evaluate(run, params, np.arange(depth)[None], eval_fn, desc="eval sequential")
-  arb = evaluate(run, params, order_lib.random_orders(rng, n_orders * run.eval_loader.steps_per_epoch,
-                                                       depth), eval_fn, desc="eval arbitrary")
-  summary = {"workdir": workdir, "best_epoch": meta.get("epoch"), "variant": run.config.variant,
+  config, depth, evaluation = setup.config, setup.model.depth, setup.evaluation
+  rng = np.random.default_rng(config.eval_seed)
+  orders = order_lib.random_orders(rng, config.eval_orders * evaluation.loader.steps_per_epoch,
+                                   depth)
+  seq = evaluation(params, np.arange(depth)[None], desc="eval sequential")
+  arb = evaluation(params, orders, desc="eval arbitrary")
+  summary = {"workdir": workdir, "best_epoch": meta.get("epoch"), "variant": config.variant,
              "sequential": seq, "arbitrary": arb}
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, "summary.json"), summary)
-  log(f"[{run.config.variant}] best epoch {meta.get('epoch')}: "
+  log(f"[{config.variant}] best epoch {meta.get('epoch')}: "
       f"sequential top-1 {seq['top1']:.2%} top-5 {seq['top5']:.2%} | "
       f"arbitrary order top-1 {arb['top1']:.2%} top-5 {arb['top5']:.2%}")
   return summary
+
+
+def pretrain_config(config):
+  """Stage 1: the same model trained sequentially (variant baseline), from scratch."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.variant = "baseline"
+    c.num_epochs = config.pretrain_epochs
+    c.optimizer.lr = config.pretrain_lr
+    c.pretrain_epochs = 0
+    c.init_from = ""
+  return c
+
+
+def train(config, workdir: str, log=print) -> dict:
+  """What ``train.py`` does: optional multi-host start-up, the optional sequential stage 1
+  (``pretrain_epochs``) into ``<workdir>/pretrain``, then training. Returns
+  {'pretrain': summary, 'main': summary} (pretrain if configured)."""
+  if config.distributed:
+    # On SLURM/Open MPI/TPU pods every argument is auto-detected; elsewhere set them
+    # (or JAX_COORDINATOR_ADDRESS) and start the same command on every host.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only hosts
+    jax.distributed.initialize(
+        coordinator_address=config.coordinator_address or None,
+        num_processes=config.num_processes or None,
+        process_id=None if config.process_id < 0 else config.process_id)
+  out = {}
+  if config.pretrain_epochs and not config.init_from:
+    pre_dir = os.path.join(workdir, "pretrain")
+    log(f"== stage 1: sequential pretraining ({config.pretrain_epochs} epochs) in {pre_dir}")
+    out["pretrain"] = train_and_evaluate(pretrain_config(config), pre_dir, log)
+    if config.refine_from_pretrain:
+      config = config.copy_and_resolve_references()
+      with config.unlocked():
+        config.init_from = pre_dir
+    log(f"== stage 2: {config.variant} in {workdir}")
+  out["main"] = train_and_evaluate(config, workdir, log)
+  if "pretrain" in out and jax.process_index() == 0:
+    for name, s in out.items():
+      log(f"{name:>9} [{s['variant']}]: sequential top-1 {s['sequential']['top1']:.1%}, "
+          f"arbitrary order top-1 {s['arbitrary']['top1']:.1%}")
+  return out
+
+
+def quiet_logs():
+  """Orbax logs every save/restore at INFO through absl; keep the console to our progress."""
+  import logging
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  for name in ("absl", "orbax", "jax._src.distributed"):
+    logging.getLogger(name).setLevel(logging.ERROR)

@@ -19,10 +19,9 @@ def main():
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                              process_id=pid, local_device_ids=[0])
   assert jax.process_count() == 2 and len(jax.devices()) == 2 and len(jax.local_devices()) == 1
-  from lsvit import run as run_lib
-  from tests.test_train_lib import tiny_config
-  run_lib.quiet_logs()
   from lsvit import train_lib
+  from tests.test_train_lib import tiny_config
+  train_lib.quiet_logs()
   summary = train_lib.train_and_evaluate(tiny_config(), workdir)
   print(f"process {pid}: sequential top-1 {summary['sequential']['top1']:.4f}", flush=True)
   jax.distributed.shutdown()

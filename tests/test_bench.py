@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsvit import bench
+from bench import compare_torch as bench
 from lsvit import model as model_lib
 from tests.conftest import ROOT
 

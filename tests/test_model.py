@@ -1,9 +1,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from bench import lost_impls
 from lsvit import model as model_lib
 from lsvit import train_lib
 from tests.conftest import digits_config
@@ -18,12 +18,12 @@ def small(**kw):
   return model_lib.build(base)
 
 
-def test_decode_variant():
-  assert model_lib.decode_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
+def test_decode_name():
+  assert model_lib.decode_name("B/16") == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
                                                   patch_size=16)
-  assert model_lib.decode_variant("Ti/4")["width"] == 192
+  assert model_lib.decode_name("Ti/4")["width"] == 192
   with pytest.raises(ValueError, match="not understood"):
-    model_lib.decode_variant("XL/16")
+    model_lib.decode_name("XL/16")
 
 
 def test_one_compilation_serves_50_orders():
@@ -46,6 +46,11 @@ def test_one_compilation_serves_50_orders():
   assert len(traces) == 2
 
 
+def as_lost(m):
+  """The same model as bench/lost_impls.py's ViT, which also runs 'permute' and 'unrolled'."""
+  return lost_impls.ViT(**{f: getattr(m, f) for f in model_lib.MODEL_FIELDS})
+
+
 def test_gather_switch_sequential_agree():
   m = small(head_zeroinit=False)
   params = model_lib.init_params(m)
@@ -54,8 +59,9 @@ def test_gather_switch_sequential_agree():
   order = np.array([4, 0, 5, 2], np.int32)
   g = m.apply({"params": params}, x, order)["logits"]
   s = m.clone(impl="switch").apply({"params": params}, x, order)["logits"]
-  u = m.clone(impl="unrolled").apply({"params": params}, x, order)["logits"]
-  pm = m.clone(impl="permute").apply({"params": params}, x, order, train=True)["logits"]
+  lost = as_lost(m)  # bench/lost_impls.py: the implementations that lost, still measured
+  u = lost.clone(impl="unrolled").apply({"params": params}, x, order)["logits"]
+  pm = lost.clone(impl="permute").apply({"params": params}, x, order, train=True)["logits"]
   # Different programs (scan, unrolled, switch) round f32 differently: ~1e-6 on logits ~0.5.
   np.testing.assert_allclose(g, u, atol=5e-6)
   np.testing.assert_allclose(g, pm, atol=5e-6)
@@ -81,9 +87,9 @@ FULL, PRUNED = [4, 0, 5, 2, 1, 3], [4, 0, 5]
 def test_training_gradient_matches_gather(impl, order, kw, active, monkeypatch):
   """'permute' and 'fetch' write their own backward passes; the reference is JAX's own
   gradient of 'gather' (same dropout keys). Tolerance: f32 summation order differs."""
-  if kw.get("remat"):  # also the path taken off CPU (model._after), traced here on CPU
+  if kw.get("remat"):  # also the path taken off CPU (fetch.after), traced here on CPU
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
-  m = small(head_zeroinit=False, **kw)
+  m = as_lost(small(head_zeroinit=False, **kw))
   params = model_lib.init_params(m)
   x = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
   order = jnp.asarray(order, jnp.int32)
@@ -113,8 +119,8 @@ def test_fetch_keeps_no_copy_of_the_layers():
   gradient step is the sequential model's plus at most two layers' weights (measured: less
   than one here), while 'permute' (a permuted copy of all layers) needs most of the stack
   more (measured 0.78). A guard against XLA scheduling every layer's copy up front
-  (``model._after``). Activations outweigh weights here, as in real training."""
-  m = small(width=128, mlp_dim=512, image_size=16, head_zeroinit=False)
+  (``fetch.after``). Activations outweigh weights here, as in real training."""
+  m = as_lost(small(width=128, mlp_dim=512, image_size=16, head_zeroinit=False))
   params = model_lib.init_params(m)
   x = jnp.ones((2, 16, 16, 1))
   order = jnp.arange(DEPTH, dtype=jnp.int32)

@@ -14,7 +14,7 @@ import pytest
 from lsvit import checkpoint as ckpt_lib
 from lsvit import convert
 from lsvit import model as model_lib
-from lsvit import run as run_lib
+from lsvit import cli
 from lsvit import train_lib
 from tests import reference
 from tests.conftest import ROOT
@@ -80,7 +80,6 @@ def test_every_bit_flip_in_every_stored_file_is_found(trained, tmp_path):
 
 
 def test_damaged_best_is_refused_by_evaluate_and_train(trained, tmp_path, capsys):
-  import evaluate
   wd = copy_run(trained, tmp_path)
   best = os.path.join(wd, "best", str(max(int(s) for s in os.listdir(os.path.join(wd, "best")))))
   data = max(step_files(os.path.join(best, "params")), key=os.path.getsize)
@@ -88,12 +87,12 @@ def test_damaged_best_is_refused_by_evaluate_and_train(trained, tmp_path, capsys
   with pytest.raises(ckpt_lib.CheckpointError, match="refusing to use .*checksum mismatch"):
     ckpt_lib.restore_best(wd)
   capsys.readouterr()
-  assert evaluate.main(["--mode", "sequential", "--workdir", wd, "--no_progress"]) == 1
+  assert cli.evaluate(["--mode", "sequential", "--workdir", wd, "--no_progress"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: refusing to use") and best in err[0], err
   summary = open(os.path.join(wd, "summary.json")).read()
   # re-running train.py must not rewrite summary.json from the damaged parameters
-  assert run_lib.main(tiny_config(), wd) == 1
+  assert cli.train(tiny_config(), wd) == 1
   assert "refusing to use" in capsys.readouterr().err
   assert open(os.path.join(wd, "summary.json")).read() == summary
 
@@ -349,25 +348,24 @@ def test_train_bad_inputs_give_one_line(tmp_path, capsys):
   cases.append((folder_config(tmp_path / "trunc", **{"model.num_classes": 0}),
                 f"cannot read image {bad}"))
   for i, (config, want) in enumerate(cases):
-    assert run_lib.main(config, str(tmp_path / f"wd{i}")) == 1, want
+    assert cli.train(config, str(tmp_path / f"wd{i}")) == 1, want
     _one_error_line(capsys, want)
-  assert run_lib.main(tiny_config(), "/proc/lsvit_readonly/wd") == 1
+  assert cli.train(tiny_config(), "/proc/lsvit_readonly/wd") == 1
   _one_error_line(capsys, "cannot write to workdir /proc/lsvit_readonly/wd")
 
 
 def test_evaluate_bad_inputs_give_one_line(trained, tmp_path, capsys):
-  import evaluate
   (tmp_path / "a_file").write_text("x")
   for args, want in ((["--orders", "0"], "--orders: 0 must be at least 1"),
                      (["--merges", "-3"], "--merges: -3 must be at least 1"),
                      (["--merge_base", "first"], "--merge_base: 'first'")):
     with pytest.raises(SystemExit) as e:
-      evaluate.main(["--mode", "merge", "--workdir", trained] + args)
+      cli.evaluate(["--mode", "merge", "--workdir", trained] + args)
     assert e.value.code == 2
     assert want in capsys.readouterr().err
   for args, want in ((["--out", str(tmp_path / "a_file")], "is an existing file"),
                      (["--out", "/proc/lsvit_readonly/eval"], "cannot write results to")):
-    assert evaluate.main(["--mode", "sequential", "--workdir", trained, "--no_progress"] + args) == 1
+    assert cli.evaluate(["--mode", "sequential", "--workdir", trained, "--no_progress"] + args) == 1
     _one_error_line(capsys, want)
 
 

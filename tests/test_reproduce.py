@@ -1,17 +1,17 @@
 """The reproduction command end to end on its tiny preset (real digits, 4 layers)."""
 import json
-import os
 
 import pytest
 
-from lsvit import reproduce
+from lsvit import order as order_lib
+from tools import reproduce
 
 
 def test_plan_covers_the_papers_grid():
   p = reproduce.PRESETS["digits"]
   jobs = {j.name: j for j in reproduce.plan(p, "/x")}
   assert jobs["pretrain"].needs_pretrain is False
-  for v in reproduce.VARIANTS:  # 5 seeds per approach
+  for v in order_lib.VARIANTS:  # 5 seeds per approach
     assert all(f"{v}_seed{s}" in jobs for s in range(5))
   for v in ("baseline", "layershuffle"):  # >= L runs each for merging
     assert sum(n.startswith(f"{v}_seed") for n in jobs) == p.depth
@@ -41,7 +41,7 @@ def test_tiny_preset_end_to_end(tmp_path):
   for f in ("prune_prune.png", "analysis_analysis_umap.png", "analysis_analysis_contributions.png",
             "table1_arbitrary.json", "merge_layershuffle_merge.json", "ensemble_layershuffle_ensemble.json"):
     assert (figs / f).exists(), f
-  assert f"docs/results/tiny/prune_prune.png" in text
+  assert "docs/results/tiny/prune_prune.png" in text
   tables = (out / "eval" / "table1" / "tables.md").read_text()  # both modes, one evaluation
   assert "**sequential order**" in tables and "**arbitrary order**" in tables
   merged = json.load(open(figs / "merge_layershuffle_merge.json"))

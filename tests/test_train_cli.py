@@ -6,12 +6,11 @@ from tests.conftest import ROOT, digits_config
 
 
 def test_default_workdir_names_config_variant_and_seed():
-  sys.path.insert(0, ROOT)
-  import train
+  from lsvit import cli
   c = digits_config(seed=3)
-  assert train.default_workdir("configs/digits.py", c) == os.path.join("runs", "digits_layershuffle_seed3")
+  assert cli.default_workdir("configs/digits.py", c) == os.path.join("runs", "digits_layershuffle_seed3")
   c = digits_config(variant="baseline", keep_layers=6)
-  assert train.default_workdir("configs/vit_in1k.py", c) == os.path.join("runs", "vit_in1k_baseline_keep6_seed0")
+  assert cli.default_workdir("configs/vit_in1k.py", c) == os.path.join("runs", "vit_in1k_baseline_keep6_seed0")
 
 
 def test_missing_dataset_exits_nonzero_with_the_steps_to_prepare_it(tmp_path):

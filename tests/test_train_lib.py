@@ -48,13 +48,12 @@ from tests.test_train_lib import tiny_config
 config = tiny_config(variant="layershuffle", **{"model.dropout": 0.1})
 
 def run_steps(devices, n=6):
-  run = train_lib.build_run(config, Mesh(np.asarray(devices), ("data",)))
-  train_fn, _ = train_lib.jit_steps(run)
-  params = model_lib.init_params(run.model, 0)
-  state = run.replicate({"step": jnp.zeros((), jnp.int32), "params": params,
-                         "opt_state": run.tx.init(params)})
-  for batch in run.train_loader.iterate(0, n):
-    state, m = train_fn(state, run.to_global(batch))
+  setup = train_lib.build_setup(config, Mesh(np.asarray(devices), ("data",)))
+  params = model_lib.init_params(setup.model, 0)
+  state = setup.placement.replicate({"step": jnp.zeros((), jnp.int32), "params": params,
+                                     "opt_state": setup.tx.init(params)})
+  for batch in setup.train_loader.iterate(0, n):
+    state, m = setup.train_step(state, setup.placement.to_global(batch))
   return jax.device_get(state["params"]), state["params"]
 
 p4, live = run_steps(jax.devices())
@@ -64,7 +63,7 @@ moved = max(float(np.abs(a - b).max()) for a, b in zip(
     jax.tree.leaves(p1), jax.tree.leaves(model_lib.init_params(model_lib.build(
         train_lib.model_config(config, 10)), 0))))
 try:
-  train_lib.build_run(tiny_config(batch_size=30))
+  train_lib.build_setup(tiny_config(batch_size=30))
   err = None
 except ValueError as e:
   err = str(e)
@@ -224,9 +223,9 @@ def test_init_from_converted_hf_checkpoint_with_kept_layers(tmp_path):
   converted, _ = convert.load(f"hf:{tmp_path / 'hf'}")
   config = tiny_config(init_from=f"hf:{tmp_path / 'hf'}", keep_layers=2, num_epochs=1,
                        **{"model.ln_eps": 1e-12})
-  run = train_lib.build_run(config)
-  assert run.model.depth == 2 and run.model.num_classes == 10
-  params = train_lib.initial_params(config, run.model, log=lambda *a: None)
+  setup = train_lib.build_setup(config)
+  assert setup.model.depth == 2 and setup.model.num_classes == 10
+  params = train_lib.initial_params(config, setup.model, log=lambda *a: None)
   want = converted["Transformer"]["encoderblock"]["MlpBlock_3"]["Dense_1"]["kernel"][:2]
   np.testing.assert_array_equal(params["Transformer"]["encoderblock"]["MlpBlock_3"]["Dense_1"]["kernel"], want)
   np.testing.assert_array_equal(params["embedding"]["kernel"], converted["embedding"]["kernel"])

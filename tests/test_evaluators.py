@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-import evaluate as evaluate_cli
-from lsvit import evaluate_lib as E
+from lsvit import cli
+from lsvit import evaluators as E
 from lsvit import train_lib
 from tests.test_train_lib import tiny_config
 
@@ -34,15 +34,15 @@ def trained(tmp_path_factory):
 
 
 def evaluator(runs):
-  return E.Evaluator(runs, progress=False)
+  return E.Context(runs, progress=False)
 
 
 def test_baseline_collapses_under_shuffling_layershuffle_does_not(trained):
   _, dirs = trained
   runs = E.load_runs(dirs["baseline"] + dirs["layershuffle"])
   ev = evaluator(runs)
-  seq = E.mode_sequential(ev, runs)
-  arb = E.mode_arbitrary(ev, runs, orders=2)
+  seq = E.get("sequential")(ev, runs)
+  arb = E.get("arbitrary", orders=2)(ev, runs)
   base = [r for r in arb["runs"] if r["setting"].startswith("baseline")][0]
   base_seq = [r for r in seq["runs"] if r["setting"].startswith("baseline")][0]
   ls = [r["arbitrary"]["top1"] for r in arb["runs"] if r["setting"].startswith("layershuffle")]
@@ -56,13 +56,13 @@ def test_prune_all_layers_in_original_order_equals_sequential(trained):
   _, dirs = trained
   runs = E.load_runs(dirs["layershuffle"][:1])
   ev = evaluator(runs)
-  seq = E.mode_sequential(ev, runs)["runs"][0]["sequential"]
-  pr = E.mode_prune(ev, runs, ks=[2, DEPTH], draws=2)["runs"][0]
+  seq = E.get("sequential")(ev, runs)["runs"][0]["sequential"]
+  pr = E.get("prune", ks=[2, DEPTH], draws=2)(ev, runs)["runs"][0]
   assert pr[f"k{DEPTH}_sequential"]["top1"] == seq["top1"]
   assert pr[f"k{DEPTH}_sequential"]["loss"] == pytest.approx(seq["loss"], rel=1e-6)
   assert pr["k2_sequential"]["top1"] < seq["top1"]  # fewer layers cost accuracy
   with pytest.raises(E.EvalError, match=r"cannot keep k=\[5\] layers"):
-    E.mode_prune(ev, runs, ks=[5])
+    E.get("prune", ks=[5])(ev, runs)
 
 
 def test_merge_params_takes_layer_l_from_its_source_run():
@@ -92,7 +92,7 @@ def test_merging_copies_of_one_run_equals_that_run(trained, tmp_path):
     shutil.copytree(dirs["layershuffle"][0], copies[-1])
   runs = E.load_runs(copies)
   ev = evaluator(runs)
-  res = E.mode_merge(ev, runs, merges=3)
+  res = E.get("merge", merges=3)(ev, runs)
   assert res["order"] == "arbitrary"
   assert [m["top1"] for m in res["models"]] == [res["originals"]["top1"]["mean"]] * 3
 
@@ -101,7 +101,7 @@ def test_merging_layershuffle_runs_keeps_accuracy_with_few_compilations(trained)
   _, dirs = trained
   runs = E.load_runs(dirs["layershuffle"])
   ev = evaluator(runs)
-  res = E.mode_merge(ev, runs, merges=6)
+  res = E.get("merge", merges=6)(ev, runs)
   assert all(len(set(m["sources"])) == DEPTH for m in res["models"])
   assert res["merged"]["top1"]["mean"] > 0.3  # far above chance (0.1)
   assert res["compilations"] <= 2  # one eval program (one order length) + the merge gather
@@ -111,10 +111,10 @@ def test_ensemble_of_one_run_equals_that_run(trained):
   _, dirs = trained
   runs = E.load_runs(dirs["layershuffle"][:1])
   ev = evaluator(runs)
-  res = E.mode_ensemble(ev, runs, orders=2)
+  res = E.get("ensemble", orders=2)(ev, runs)
   assert res["ensemble"]["top1"] == res["single"]["top1"]["mean"]
   assert res["ensemble"]["top5"] == res["single"]["top5"]["mean"]
-  both = E.mode_ensemble(ev, E.load_runs(dirs["layershuffle"]), orders=1)
+  both = E.get("ensemble", orders=1)(ev, E.load_runs(dirs["layershuffle"]))
   assert both["ensemble"]["top1"] >= both["single"]["top1"]["mean"]  # paper: ensemble > single
 
 
@@ -132,17 +132,17 @@ def test_position_accuracy_synthetic_and_trained(trained):
   assert m["position_accuracy"] == 1.0 and m["position_accuracy_per_position"] == [1.0] * DEPTH
   m = ev.evaluate(synthetic, np.arange(DEPTH)[::-1].copy()[None])
   assert m["position_accuracy"] == 0.0  # layer l sits at position L-1-l != l
-  res = E.mode_position(ev, [run], orders=1)
+  res = E.get("position", orders=1)(ev, [run])
   assert res["position_accuracy"]["mean"] > 0.5 and len(res["per_position"]) == DEPTH
   with pytest.raises(E.EvalError, match="needs LayerShuffle-predict runs"):
-    E.mode_position(ev, E.load_runs(dirs["baseline"]))
+    E.get("position")(ev, E.load_runs(dirs["baseline"]))
 
 
 def test_bad_input(trained, tmp_path):
   _, dirs = trained
   with pytest.raises(E.EvalError, match="one architecture and variant; these differ in: variant="):
     runs = E.load_runs(dirs["baseline"] + dirs["layershuffle"][:3])
-    E.mode_merge(evaluator(runs), runs, merges=1)
+    E.get("merge", merges=1)(evaluator(runs), runs)
   with pytest.raises(E.EvalError, match="no workdir matches"):
     E.load_runs([str(tmp_path / "nothing*")])
   os.makedirs(tmp_path / "empty")
@@ -163,11 +163,31 @@ def test_bad_input(trained, tmp_path):
     E.run(dirs["baseline"], "merged")
 
 
+def test_an_option_a_mode_does_not_take_is_an_error(trained, capsys):
+  """Each evaluator is built from its own options: a mistyped or misplaced one is refused,
+  before any checkpoint is loaded, naming what the mode takes."""
+  with pytest.raises(E.EvalError, match="mode arbitrary takes no option merges; it takes: orders"):
+    E.get("arbitrary", merges=3)
+  with pytest.raises(E.EvalError, match="takes no option order; it takes: ks, method, draws"):
+    E.run(["/nonexistent"], {"prune": {"order": 2}})
+  for bad, want in (({"orders": 0}, "orders=0"), ({"orders": 2.5}, "orders=2.5"),
+                    ({"orders": True}, "orders=True")):
+    with pytest.raises(E.EvalError, match=want):
+      E.get("arbitrary", **bad)
+  with pytest.raises(E.EvalError, match="prune method 'middle'"):
+    E.get("prune", method="middle")
+  _, dirs = trained
+  assert cli.evaluate(["--mode", "arbitrary", "--merges", "3", "--workdir",
+                       dirs["baseline"][0]]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: --merges does not apply to --mode arbitrary (its options: --orders)"]
+
+
 @pytest.mark.slow
 def test_cli_all_writes_tables_json_and_figures(trained, tmp_path, capsys):
   root, dirs = trained
   out = tmp_path / "out"
-  rc = evaluate_cli.main(["--mode", "all", "--workdir", str(root / "*"), "--out", str(out),
+  rc = cli.evaluate(["--mode", "all", "--workdir", str(root / "*"), "--out", str(out),
                           "--merges", "3", "--images", "40", "--orders", "1", "--prune_k", "2", "4",
                           "--prune_draws", "1", "--no_progress"])
   assert rc == 0
@@ -181,5 +201,5 @@ def test_cli_all_writes_tables_json_and_figures(trained, tmp_path, capsys):
   assert [sum(r["positions_seen"]) for r in analysis["runs"]] == [40] * 6
   printed = capsys.readouterr().out
   assert "**merged models**" in printed and "| layershuffle (ViT L4 D32 P2) merged |" in printed
-  assert evaluate_cli.main(["--mode", "bogus", "--workdir", str(root / "*")]) == 1
+  assert cli.evaluate(["--mode", "bogus", "--workdir", str(root / "*")]) == 1
   assert "unknown mode 'bogus'" in capsys.readouterr().err

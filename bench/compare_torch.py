@@ -19,8 +19,8 @@ contractions) run alone, with XLA and with torch, plus the Adam update alone. Py
 step time / the XLA floor is the most lsvit could reach with XLA's kernels.
 Every timing is repeated, interleaved between the compared programs; min/median/max.
 
-  python -m lsvit.bench              # full (a few minutes on 2 cores)
-  python -m lsvit.bench --quick      # smoke test
+  python -m bench.compare_torch              # full (a few minutes on 2 cores)
+  python -m bench.compare_torch --quick      # smoke test
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bench import lost_impls
 from lsvit import model as model_lib
-from lsvit import reproduce
+from tools import machine
 
 # name -> (model, batch, timed steps per repeat, repeats, random orders for the compile count)
 SETUPS = {
@@ -52,8 +53,8 @@ CLASSES = 100
 
 
 def cores() -> int:
-  """Cores this process may use (``taskset -c 0 python -m lsvit.bench`` compares on one)."""
-  return len(reproduce.usable_cores())
+  """Cores this process may use (``taskset -c 0 python -m bench.compare_torch`` compares on one)."""
+  return len(machine.usable_cores())
 
 
 def forward_macs(s, classes=CLASSES) -> float:
@@ -100,7 +101,7 @@ def jitted_train_step(model, tx, x, y):
 def lsvit_steps(s, batch, impl="fetch"):
   kw = {k: v for k, v in s.items() if k != "batch"}
   seq = model_lib.build(dict(kw, num_classes=CLASSES, impl="sequential"))
-  shuf = model_lib.build(dict(kw, num_classes=CLASSES, impl=impl))
+  shuf = lost_impls.build(dict(kw, num_classes=CLASSES, impl=impl))
   params = {"seq": model_lib.init_params(seq), "shuf": model_lib.init_params(shuf)}
   tx = optax.adam(1e-4, eps=1e-6)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, s["image_size"], s["image_size"], 3)),
@@ -304,9 +305,7 @@ def bench_merge(models, repeats):
   import subprocess
   import tempfile
   out = os.path.join(tempfile.mkdtemp(), "merge.json")
-  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                        "merge_eval.py")
-  subprocess.run([sys.executable, script, "--models", str(models), "--repeats", str(repeats),
+  subprocess.run([sys.executable, "-m", "bench.merge_eval", "--models", str(models), "--repeats", str(repeats),
                   "--json", out], check=True, capture_output=True)
   return json.load(open(out))
 

@@ -1,16 +1,22 @@
 """RESULTS.md from the reproduction's evaluation JSON: our numbers beside the paper's,
 and each of the paper's qualitative claims checked by a stated rule. Nothing here is
-typed in by hand except the paper's own numbers (PAPER, quoted from its tables/text)."""
+typed in by hand except the paper's own numbers (PAPER_*, quoted from its tables/text);
+the facts of our runs are read from their workdirs and the evaluation JSON."""
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import platform
+import re
 import shutil
 from typing import Dict, List
 
 import numpy as np
+
+from lsvit import order as order_lib
+from tools import machine
 
 # The paper's numbers (top-1 %, mean ± std over 5 runs; Table 1, Table 2, Sec. 4.1-4.2).
 PAPER_TABLE1 = {  # (dataset, model) -> {order: {approach: (mean, std)}}
@@ -37,14 +43,14 @@ PAPER_TABLE2 = {  # ImageNet2012, ViT-B/16: (top-1 mean, std, top-5 mean, std, o
     "layershuffle ensemble": (69.26, None, 88.76, None, "arbitrary"),
 }
 PAPER_POSITION = 99.99
+PAPER_FIG1_3LAYERS = {"layershuffle": 18, "layerdrop": 0}  # sequential order, read off Fig. 1b
 PAPER_FIG1 = ("ImageNet2012, ViT-B/16, read from the paper's text (Fig. 1b/1c have no table): "
               "sequential order, 3 layers: LayerShuffle ~18 %, LayerDrop ~0 %; 6 layers: on par; "
               "9 layers: both 70-80 %, LayerDrop slightly ahead; reduced-depth refinements "
               "'significantly better' at 3 and 6 layers. Arbitrary order: only LayerShuffle "
               "succeeds, improving with more layers; LayerDrop poor at every depth.")
-APPROACHES = ("baseline", "layershuffle", "position", "predict", "layerdrop")
 LABEL = {"baseline": "baseline", "layershuffle": "LS", "position": "LS-pos", "predict": "LS-pred",
-         "layerdrop": "LayerDrop p=0.2"}
+         "layerdrop": "LayerDrop"}
 
 
 def figure_dir(preset: str) -> str:
@@ -53,7 +59,53 @@ def figure_dir(preset: str) -> str:
 
 def _variant(setting: str) -> str:
   """'layerdrop p=0.2 (ViT ...)' -> 'layerdrop'; 'baseline keep 3 (...)' -> 'baseline keep 3'."""
-  return setting.split(" (")[0].replace(" p=0.2", "")
+  return re.sub(r" p=[0-9.e-]+", "", setting.split(" (")[0])
+
+
+def _layerdrop_p(results) -> str:
+  """'p=0.2' from the LayerDrop runs' setting label, '' without LayerDrop runs."""
+  for setting in results["table1"]["sequential"]["settings"]:
+    m = re.match(r"layerdrop (p=[0-9.e-]+)", setting)
+    if m:
+      return m.group(1)
+  return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+  """What the report says about the runs, read from the grid's pretraining workdir."""
+  train_images: int
+  eval_images: int
+  num_classes: int
+  eval_batch: int
+  batch: int
+  impl: str
+  width: int
+
+  @classmethod
+  def read(cls, out: str, preset) -> "Facts":
+    from lsvit import data as data_lib
+    from ml_collections import ConfigDict
+    with open(os.path.join(out, "pretrain", "config.json")) as f:
+      config = json.load(f)
+    with open(os.path.join(out, "pretrain", "model.json")) as f:
+      model = json.load(f)["model"]
+    d = ConfigDict(config["data"])
+    train = data_lib.get_source(d, d.train_split)
+    return cls(len(train), len(data_lib.get_source(d, d.eval_split)), train.num_classes,
+               config["eval_batch_size"], preset.batch_size or config["batch_size"],
+               model["impl"], model["width"])
+
+
+def _paper_ratio() -> str:
+  """The paper's LS arbitrary / baseline sequential over its four (data, model) pairs."""
+  r = [t["arbitrary"]["layershuffle"][0] / t["sequential"]["baseline"][0]
+       for t in PAPER_TABLE1.values()]
+  return f"{min(r):.2f}-{max(r):.2f}"
+
+
+def _paper_in1k_vit(order: str, approach: str):
+  return PAPER_TABLE1[("IN2012", "ViT-B/16")][order][approach]
 
 
 def _settings(res: dict) -> Dict[str, dict]:
@@ -75,7 +127,9 @@ class Claim:
   why: str = ""   # if it does not hold: a hypothesis (untested unless it says so)
 
 
-def claims(results: dict, depth: int, num_classes: int = 10) -> List[Claim]:
+def claims(results: dict, depth: int, facts: Facts, preset) -> List[Claim]:
+  num_classes = facts.num_classes
+  recipe = (f"{preset.epochs} epochs at lr {preset.lr:g} on {facts.train_images:,} images")
   t1 = results["table1"]
   seq, arb = _settings(t1["sequential"]), _settings(t1["arbitrary"])
   m = lambda table, v, kind: table[v][kind]["top1"]["mean"] * 100
@@ -88,7 +142,7 @@ def claims(results: dict, depth: int, num_classes: int = 10) -> List[Claim]:
             "baseline arbitrary < 30 % of baseline sequential",
             f"{ba:.1f} vs {bs:.1f} (chance {100 / num_classes:.0f})", ba < 0.3 * bs),
       Claim("LayerShuffle keeps most of its accuracy in arbitrary order "
-            "(paper: LS arbitrary = 0.61-0.82 x baseline sequential).",
+            f"(paper: LS arbitrary = {_paper_ratio()} x baseline sequential).",
             "LS arbitrary >= 0.6 x baseline sequential", f"{ls_a:.1f} vs {bs:.1f} = {ls_a / bs:.2f}x",
             ls_a >= 0.6 * bs),
       Claim("In the original order LayerShuffle is somewhat below the baseline.",
@@ -100,14 +154,14 @@ def claims(results: dict, depth: int, num_classes: int = 10) -> List[Claim]:
             all(m(seq, v, "sequential") > m(arb, v, "arbitrary") for v in ("layershuffle", "position", "predict")),
             "The two orders are within a seed's spread of each other here. The paper explains its gap by "
             "the refinement starting from a sequential model; ours moves much further from its start "
-            "(30 epochs at lr 2e-3 on 1,438 images vs the paper's small lr on ImageNet), so less of the "
+            f"({recipe} vs the paper's small lr on ImageNet), so less of the "
             "sequential model's preference is left."),
       Claim("Giving layers their position (LS-pos) changes little.",
             "|LS-pos arbitrary - LS arbitrary| <= 3 points",
             f"{pos_a:.1f} ± {s(arb, 'position', 'arbitrary'):.1f} vs {ls_a:.1f} ± "
             f"{s(arb, 'layershuffle', 'arbitrary'):.1f}", abs(pos_a - ls_a) <= 3,
             "LS-pos is worse and varies more across seeds here: its position embedding and projection "
-            "start from scratch inside an already trained block, which 30 epochs of 1,438 images may "
+            f"start from scratch inside an already trained block, which {recipe} may "
             "not settle."),
       Claim("LS-pred is outperformed by LS and LS-pos in arbitrary order.",
             "LS-pred arbitrary < LS and < LS-pos arbitrary",
@@ -118,27 +172,34 @@ def claims(results: dict, depth: int, num_classes: int = 10) -> List[Claim]:
     out.append(Claim(f"Each layer's position is predictable from its output ({PAPER_POSITION} %).",
                      "position accuracy >= 95 %", f"{acc:.2f} % (chance {100 / depth:.1f} %)", acc >= 95,
                      "The first and last positions are read almost perfectly and the middle ones are "
-                     "confused (per-position table below): with width 64 and a short refinement the "
-                     "middle layers' inputs differ less by position than in a 768-wide ViT-B/16."))
+                     f"confused (per-position table below): with width {facts.width} and a short "
+                     "refinement the middle layers' inputs differ less by position than in a "
+                     "768-wide ViT-B/16."))
   if "merge_layershuffle" in results:
     ml = results["merge_layershuffle"]["merge"]
     mb = results["merge_baseline"]["merge"]
     a, o = ml["merged"]["top1"]["mean"] * 100, ml["originals"]["top1"]["mean"] * 100
-    out.append(Claim("Merged LayerShuffle models are close to their sources (paper: 59.7 vs 62.8).",
+    paper_merged = PAPER_TABLE2["layershuffle merged"][0]
+    paper_ls = _paper_in1k_vit("arbitrary", "layershuffle")[0]
+    out.append(Claim(f"Merged LayerShuffle models are close to their sources (paper: "
+                     f"{paper_merged:.1f} vs {paper_ls:.1f}).",
                      "LS merged >= source mean - 5 points", f"{a:.1f} vs {o:.1f}", a >= o - 5,
                      "Merging works (far above chance, baselines aside) but loses more than in the paper. "
                      "Our LayerShuffle refinements change the model far more than the paper's, so "
                      "independently refined layers have drifted further apart; a smaller learning rate "
                      "or fewer epochs would keep them closer (not tested here)."))
     b, bo = mb["merged"]["top1"]["mean"] * 100, mb["originals"]["top1"]["mean"] * 100
-    out.append(Claim("Merged baselines are unusable even in their sequential order (paper: 1.87 %).",
+    out.append(Claim(f"Merged baselines are unusable even in their sequential order (paper: "
+                     f"{PAPER_TABLE2['baseline merged'][0]:.2f} %).",
                      "baseline merged < 30 % of its sources", f"{b:.1f} vs {bo:.1f}", b < 0.3 * bo,
                      "Refining a sequential model sequentially barely moves its layers on this small "
-                     "data, so layers of the 12 baselines are still interchangeable when kept in their "
+                     f"data, so layers of the {mb['runs']} baselines are still interchangeable when kept in their "
                      "original order; the paper's ImageNet refinements evidently diverged more."))
   if "ensemble_layershuffle" in results:
     e = results["ensemble_layershuffle"]["ensemble"]
-    out.append(Claim("An ensemble of the LayerShuffle models beats a single one (69.3 vs 62.8).",
+    out.append(Claim(f"An ensemble of the LayerShuffle models beats a single one ("
+                     f"{PAPER_TABLE2['layershuffle ensemble'][0]:.1f} vs "
+                     f"{_paper_in1k_vit('arbitrary', 'layershuffle')[0]:.1f}).",
                      "ensemble top-1 > mean single top-1",
                      f"{100 * e['ensemble']['top1']:.1f} vs {100 * e['single']['top1']['mean']:.1f}",
                      e["ensemble"]["top1"] > e["single"]["top1"]["mean"]))
@@ -160,7 +221,8 @@ def claims(results: dict, depth: int, num_classes: int = 10) -> List[Claim]:
     ls3, ld3 = p["layershuffle"][f"k{k0}_sequential"]["top1"]["mean"] * 100, \
         p["layerdrop"][f"k{k0}_sequential"]["top1"]["mean"] * 100
     out.append(Claim(f"With few layers ({k0}) kept in the original order LayerShuffle beats LayerDrop "
-                     "(paper, 3 layers: ~18 % vs ~0 %).", f"LS > LayerDrop at k={k0}, sequential",
+                     f"(paper, 3 layers: ~{PAPER_FIG1_3LAYERS['layershuffle']} % vs "
+                     f"~{PAPER_FIG1_3LAYERS['layerdrop']} %).", f"LS > LayerDrop at k={k0}, sequential",
                      f"{ls3:.1f} vs {ld3:.1f}", ls3 > ld3))
     kept = [k for k in ks if f"baseline keep {k}" in p]
     if kept:
@@ -200,25 +262,13 @@ def _arch(results) -> str:
   return next(iter(results["table1"]["sequential"]["settings"])).split(" (", 1)[1].rstrip(")")
 
 
-def _impl(out: str) -> str:
-  import json
-  try:
-    with open(os.path.join(out, "pretrain", "config.json")) as f:
-      return json.load(f)["model"]["impl"]
-  except (OSError, KeyError):
-    return "?"
-
-
-def _batch(preset) -> str:
-  return str(preset.batch_size or 64)
-
-
 def _table1(results) -> str:
   t1 = results["table1"]
   arch = _arch(results)
   seq, arb = _settings(t1["sequential"]), _settings(t1["arbitrary"])
-  cols = [v for v in APPROACHES if v in seq]
-  head = "| data | model | layer order | pretrained | " + " | ".join(LABEL[v] for v in cols) + " |"
+  cols = [v for v in order_lib.VARIANTS if v in seq]
+  label = lambda v: f"{LABEL[v]} {_layerdrop_p(results)}" if v == "layerdrop" else LABEL[v]
+  head = "| data | model | layer order | pretrained | " + " | ".join(map(label, cols)) + " |"
   rows = [head, "|---|---|---|---|" + "---|" * len(cols)]
   for kind, table in (("sequential", seq), ("arbitrary", arb)):
     cells = []
@@ -256,14 +306,15 @@ def _merge_table(results) -> str:
   e = results["ensemble_layershuffle"]["ensemble"]
   t = lambda x: f"{_pm(x['top1']['mean'], x['top1']['std'])} | {_pm(x['top5']['mean'], x['top5']['std'])}"
   p = PAPER_TABLE2
+  paper = lambda order, approach: "{:.2f} ± {:.2f}".format(*_paper_in1k_vit(order, approach))
   pp = lambda k: (f"{p[k][0]:.2f}" + (f" ± {p[k][1]:.2f}" if p[k][1] is not None else "") + " | "
                   + f"{p[k][2]:.2f}" + (f" ± {p[k][3]:.2f}" if p[k][3] is not None else ""))
   return "\n".join([
       "| model | ours top-1 | ours top-5 | paper top-1 (IN2012 ViT-B/16) | paper top-5 | layer order |",
       "|---|---|---|---|---|---|",
-      f"| baseline, the {mb['runs']} runs | {t(mb['originals'])} | 82.61 ± 0.08 | – | sequential |",
+      f"| baseline, the {mb['runs']} runs | {t(mb['originals'])} | {paper('sequential', 'baseline')} | – | sequential |",
       f"| baseline merged ({len(mb['models'])} models) | {t(mb['merged'])} | {pp('baseline merged')} | sequential |",
-      f"| LayerShuffle, the {ml['runs']} runs | {t(ml['originals'])} | 62.77 ± 0.41 | – | arbitrary |",
+      f"| LayerShuffle, the {ml['runs']} runs | {t(ml['originals'])} | {paper('arbitrary', 'layershuffle')} | – | arbitrary |",
       f"| LayerShuffle merged ({len(ml['models'])} models) | {t(ml['merged'])} | {pp('layershuffle merged')} | arbitrary |",
       f"| LayerShuffle ensemble of {e['runs']} | {100 * e['ensemble']['top1']:.1f} | "
       f"{100 * e['ensemble']['top5']:.1f} | {pp('layershuffle ensemble')} | arbitrary |"])
@@ -280,19 +331,6 @@ def _versions() -> str:
   return ", ".join([f"Python {platform.python_version()}"] + pk)
 
 
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  from lsvit.reproduce import usable_cores
-  return f"{cpu}, {len(usable_cores())} cores usable, {platform.system()} {platform.release()}"
-
-
 def write(results: dict, preset, name: str, out: str, path: str, command: str, timing: dict) -> str:
   """Writes ``path`` and copies the figures and JSON next to it under docs/results/<name>."""
   base = os.path.dirname(os.path.abspath(path))
@@ -305,31 +343,35 @@ def write(results: dict, preset, name: str, out: str, path: str, command: str, t
       if f.endswith((".png", ".json")):
         shutil.copy(os.path.join(ev, sub, f), os.path.join(fig_abs, f"{sub}_{f}"))
   fig = lambda sub, f: f"![{sub} {f}]({fig_rel}/{sub}_{f})"
-  cl = claims(results, preset.depth)
+  facts = Facts.read(out, preset)
+  cl = claims(results, preset.depth, facts, preset)
+  table1 = results["table1"]["arbitrary"]["runs"][0]["arbitrary"]
+  passes = -(-table1["orders"] // -(-table1["examples"] // facts.eval_batch))
   train_s = sum(timing.get("train_s", {}).values())
   last = timing.get("last_invocation", {})
   per_run = sorted(timing.get("train_s", {}).values())
   lines = [
       f"# Results: LayerShuffle at digits scale ({name} preset)",
       "",
-      "Generated by `lsvit/results.py` from the evaluation JSON -- do not edit by hand. Regenerate with",
+      "Generated by `tools/report.py` from the evaluation JSON -- do not edit by hand. Regenerate with",
       "",
       f"    {command}",
       "",
-      f"- Date: {datetime.date.today().isoformat()}; machine: {_machine()}",
+      f"- Date: {datetime.date.today().isoformat()}; machine: {machine.describe()}",
       f"- Versions: {_versions()}",
-      f"- Data: scikit-learn's real 8x8 handwritten digits (1,438 train / 359 validation, 10 classes, "
-      f"chance 10 %), the stand-in for ImageNet2012 / CIFAR-100.",
+      f"- Data: scikit-learn's real 8x8 handwritten digits ({facts.train_images:,} train / "
+      f"{facts.eval_images:,} validation, {facts.num_classes} classes, chance "
+      f"{100 / facts.num_classes:.0f} %), the stand-in for ImageNet2012 / CIFAR-100.",
       f"- Model: {_arch(results)} ({preset.depth} layers as ViT-B/16; `{preset.config}` with "
-      f"{', '.join(preset.overrides) or 'no overrides'}; trained with impl='{_impl(out)}').",
+      f"{', '.join(preset.overrides) or 'no overrides'}; trained with impl='{facts.impl}').",
       f"- Stand-in for the public pretrained checkpoint: a sequential model trained from scratch "
       f"({preset.pretrain_epochs} epochs, lr {preset.pretrain_lr:g}), the `pretrained` column. Every other "
       f"run refines it for {preset.epochs} epochs at lr {preset.lr:g} (Adam, linear decay, clip 1.0, "
-      f"batch {_batch(preset)}), {preset.seeds} seeds per approach, {preset.merge_count} "
+      f"batch {facts.batch}), {preset.seeds} seeds per approach, {preset.merge_count} "
       f"baseline and LayerShuffle runs for merging, reduced-depth refinements keeping "
       f"{', '.join(map(str, preset.keep))} layers ({preset.keep_seeds} seeds).",
-      f"- Arbitrary order: 5 passes over the validation split, a fresh random order for every batch "
-      f"of 120; the best-validation-loss checkpoint of each run.",
+      f"- Arbitrary order: {passes} passes over the validation split, a fresh random order for "
+      f"every batch of {facts.eval_batch}; the best-validation-loss checkpoint of each run.",
       f"- Compute: {len(per_run)} training runs took {train_s / 60:.1f} process-minutes"
       + (f" (median {np.median(per_run):.0f} s per run)" if per_run else "")
       + (f"; the last invocation spent {last.get('train_s', 0) / 60:.1f} min training "
@@ -358,7 +400,8 @@ def write(results: dict, preset, name: str, out: str, path: str, command: str, t
             "the sequentially trained stand-in the runs were refined from.", ""]
   if "prune" in results:
     lines += ["## Fig. 1b/1c: pruning layers at test time (top-1 %, mean ± std over seeds)", "",
-              f"Random subsets of k layers (5 per batch position), kept in their original order (seq) or "
+              f"Random subsets of k layers ({results['prune']['prune']['draws']} per batch position), "
+              f"kept in their original order (seq) or "
               f"shuffled (arb). `baseline keep k` are refinements of the first k pretrained layers, "
               f"evaluated at their own depth.", "",
               _prune_table(results), "", fig("prune", "prune.png"), "",

@@ -1,20 +1,22 @@
 """The paper's experiment grid at small scale, in one resumable command.
 
-  python -m lsvit.reproduce --preset digits            # ~50 min on 2 CPU cores
-  python -m lsvit.reproduce --preset tiny --out /tmp/r  # a 2-minute smoke run
+  python -m tools.reproduce --preset digits            # ~50 min on 2 CPU cores
+  python -m tools.reproduce --preset tiny --out /tmp/r  # a 2-minute smoke run
+
+(from the repository root: the grid's configs are ``configs/``).
 
 Every run is an ordinary ``train.py`` workdir under ``--out`` (a finished run has a
 ``summary.json`` and is skipped when the command is re-run; an interrupted one resumes
 from its checkpoint). Runs go to ``--workers`` processes, each pinned to its own CPU
-cores: these models are too small for one process to keep two cores busy, so on 2 cores
-two single-core processes train ~1.4x faster than one two-core process (measured).
-The evaluations then produce the paper's tables and figures (``evaluate_lib``) and
-``lsvit/results.py`` writes ``RESULTS.md`` from their JSON, beside the paper's numbers.
+cores (these models are too small for one process to keep two cores busy; BENCHMARKS.md).
+The evaluators then produce the paper's tables and figures and ``tools/report.py`` writes
+``RESULTS.md`` from their JSON, beside the paper's numbers.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -23,13 +25,16 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("baseline", "layershuffle", "position", "predict", "layerdrop")
+from lsvit import evaluators
+from lsvit import order as order_lib
+from lsvit import train_lib
+from tools import machine, report
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  """One grid. ``overrides`` apply to every run (``--config.<key>=<value>``)."""
+  """One grid. ``config`` names a module of ``configs/``; ``overrides`` apply to every run
+  (``--config.<key>=<value>``)."""
   config: str
   pretrain_epochs: int
   pretrain_lr: float
@@ -50,20 +55,26 @@ class Preset:
     return max(self.merge_runs or self.depth, self.seeds)
 
 
+# Recipes chosen by measurement: docs/recipes.md.
 PRESETS: Dict[str, Preset] = {
-    # 12 layers as ViT-B/16. Refinement recipe chosen by measurement (layershuffle, seed 0,
-    # from this pretraining, sequential / arbitrary top-1, one single-core process each):
-    #   30 ep lr 3e-3 batch 64  68.8 / 70.1     40 ep lr 2e-3 batch 64  83.3 / 84.1
-    #   30 ep lr 2e-3 batch 64  78.0 / 76.9     30 ep lr 2e-3 batch 32  86.4 / 86.0  <- (~95 s)
-    # configs/digits.py's 60 ep lr 1e-3 batch 64 (84.1 / 88.8) would make the grid ~90 min.
-    "digits": Preset("configs/digits.py", pretrain_epochs=30, pretrain_lr=1e-3, epochs=30, lr=2e-3,
+    # 12 layers as ViT-B/16.
+    "digits": Preset("digits", pretrain_epochs=30, pretrain_lr=1e-3, epochs=30, lr=2e-3,
                      depth=12, batch_size=32),
     # The whole pipeline in ~2 minutes, for tests and notebooks: 4 layers of width 32.
-    "tiny": Preset("configs/digits.py", pretrain_epochs=3, pretrain_lr=2e-3, epochs=1, lr=2e-3,
+    "tiny": Preset("digits", pretrain_epochs=3, pretrain_lr=2e-3, epochs=1, lr=2e-3,
                    depth=4, seeds=2, keep=(2,), keep_seeds=1, analysis_images=200,
                    overrides=("model.width=32", "model.mlp_dim=64", "model.num_heads=2",
                               "eval_orders=2")),
 }
+
+
+def config_file(p: Preset) -> str:
+  return importlib.import_module(f"configs.{p.config}").__file__
+
+
+ARBITRARY_PASSES = 5  # passes over the validation split, a fresh random order per batch
+PRUNE_DRAWS = 5       # random subsets of k layers per batch position
+MERGES = 100          # merged models per setting
 
 
 @dataclasses.dataclass
@@ -87,7 +98,7 @@ def plan(p: Preset, out: str) -> List[Job]:
                      f"--config.optimizer.lr={p.lr}"]
   if p.batch_size:
     refine.append(f"--config.batch_size={p.batch_size}")
-  for v in VARIANTS:
+  for v in order_lib.VARIANTS:
     n = p.merge_count if v in ("baseline", "layershuffle") else p.seeds
     for s in range(n):
       jobs.append(Job(f"{v}_seed{s}", refine + [f"--config.variant={v}", f"--config.seed={s}"],
@@ -104,19 +115,11 @@ def done(out: str, job: Job) -> bool:
   return os.path.exists(os.path.join(out, job.name, "summary.json"))
 
 
-def usable_cores() -> List[int]:
-  """The CPU cores this process may run on (its affinity; ``taskset`` narrows it)."""
-  try:
-    return sorted(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    return list(range(os.cpu_count() or 1))
-
-
 class Pool:
-  """``workers`` train.py processes at a time, each pinned to its share of the cores."""
+  """``workers`` training processes at a time, each pinned to its share of the cores."""
 
   def __init__(self, out: str, config: str, workers: int):
-    cores = usable_cores()
+    cores = machine.usable_cores()
     self.workers = max(1, min(workers, len(cores)))
     per = len(cores) // self.workers
     self.slots = [cores[i * per:(i + 1) * per] for i in range(self.workers)]
@@ -131,13 +134,16 @@ class Pool:
                           " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
     log = open(os.path.join(self.out, "logs", f"{job.name}.log"), "a")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, self.config)}",
+    # The config imports its siblings (``from configs import default``).
+    configs_parent = os.path.dirname(os.path.dirname(os.path.abspath(self.config)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [configs_parent, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "lsvit", "train", f"--config={self.config}",
            f"--workdir={os.path.join(self.out, job.name)}", *job.args]
     if shutil.which("taskset"):  # pin without a preexec_fn (fork hooks in a threaded JAX parent)
       cmd = ["taskset", "-c", ",".join(map(str, cores))] + cmd
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     self.running[slot] = (job, proc, log, time.time())
 
   def free_slot(self) -> Optional[int]:
@@ -238,34 +244,34 @@ def train_all(jobs: List[Job], out: str, config: str, workers: int, progress: bo
 
 def evaluate_all(p: Preset, out: str, progress: bool = True, log=print) -> Dict[str, dict]:
   """The paper's evaluations, each into ``<out>/eval/<name>/`` (JSON, markdown, figures)."""
-  from lsvit import evaluate_lib
   merge_runs = p.merge_count
   seeds = range(p.seeds)
   w = lambda name: os.path.join(out, name)
-  per_variant = [w(f"{v}_seed{s}") for v in VARIANTS for s in seeds]
+  per_variant = [w(f"{v}_seed{s}") for v in order_lib.VARIANTS for s in seeds]
   keep = [w(f"baseline_keep{k}_seed{s}") for k in p.keep for s in range(p.keep_seeds)]
-  ev = os.path.join(out, "eval")
+  merged = [w(f"layershuffle_seed{s}") for s in range(merge_runs)]
   steps = [
-      ("table1", ("sequential", "arbitrary"), per_variant, {"orders": 5}),
-      ("pretrained", ("sequential", "arbitrary"), [w("pretrain")], {"orders": 5}),
-      ("prune", "prune", [w(f"{v}_seed{s}") for v in ("baseline", "layershuffle", "layerdrop")
-                          for s in seeds] + keep, {"ks": sorted(set(p.keep) | {p.depth}), "draws": 5}),
-      ("merge_layershuffle", "merge", [w(f"layershuffle_seed{s}") for s in range(merge_runs)],
-       {"merges": 100}),
-      ("merge_baseline", "merge", [w(f"baseline_seed{s}") for s in range(merge_runs)], {"merges": 100}),
-      ("ensemble_layershuffle", "ensemble", [w(f"layershuffle_seed{s}") for s in range(merge_runs)], {}),
-      ("position", "position", [w(f"predict_seed{s}") for s in seeds], {"orders": 5}),
+      ("table1", {"sequential": {}, "arbitrary": {"orders": ARBITRARY_PASSES}}, per_variant),
+      ("pretrained", {"sequential": {}, "arbitrary": {"orders": ARBITRARY_PASSES}},
+       [w("pretrain")]),
+      ("prune", {"prune": {"ks": sorted(set(p.keep) | {p.depth}), "draws": PRUNE_DRAWS}},
+       [w(f"{v}_seed{s}") for v in ("baseline", "layershuffle", "layerdrop") for s in seeds]
+       + keep),
+      ("merge_layershuffle", {"merge": {"merges": MERGES}}, merged),
+      ("merge_baseline", {"merge": {"merges": MERGES}},
+       [w(f"baseline_seed{s}") for s in range(merge_runs)]),
+      ("ensemble_layershuffle", {"ensemble": {}}, merged),
+      ("position", {"position": {"orders": ARBITRARY_PASSES}},
+       [w(f"predict_seed{s}") for s in seeds]),
       # Fig. 4: the original (pretrained) model as the paper's baseline, and a LayerShuffle run.
-      ("analysis", "analysis", [w("pretrain"), w("layershuffle_seed0")],
-       {"layer": 0, "images": p.analysis_images}),
+      ("analysis", {"analysis": {"layer": 0, "images": p.analysis_images}},
+       [w("pretrain"), w("layershuffle_seed0")]),
   ]
   results: Dict[str, dict] = {}
-  for name, modes, workdirs, opts in steps:
-    modes = (modes,) if isinstance(modes, str) else modes
+  for name, modes, workdirs in steps:
     log(f"== evaluating {name}: {', '.join(modes)} over {len(workdirs)} runs")
-    res = evaluate_lib.run(workdirs, modes, os.path.join(ev, name), progress=progress,
-                           log=lambda *a, **k: None, **opts)
-    results[name] = {m: res[m] for m in modes}
+    results[name] = evaluators.run(workdirs, modes, os.path.join(out, "eval", name),
+                                   progress=progress, log=lambda *a, **k: None)
   return results
 
 
@@ -288,7 +294,7 @@ def main(argv=None) -> int:
   ap.add_argument("--out", help="runs and evaluations (default: runs/reproduce_<preset>)")
   ap.add_argument("--results", help="the report to write (default: RESULTS.md for digits, "
                                     "<out>/RESULTS.md otherwise)")
-  ap.add_argument("--workers", type=int, default=len(usable_cores()),
+  ap.add_argument("--workers", type=int, default=len(machine.usable_cores()),
                   help="training processes at once (default: one per core)")
   ap.add_argument("--dry_run", action="store_true", help="list the runs and exit")
   ap.add_argument("--report_only", action="store_true",
@@ -296,32 +302,33 @@ def main(argv=None) -> int:
   ap.add_argument("--no_progress", action="store_true")
   args = ap.parse_args(argv)
   p = PRESETS[args.preset]
-  out = os.path.abspath(args.out or os.path.join(ROOT, "runs", f"reproduce_{args.preset}"))
-  results_path = args.results or (os.path.join(ROOT, "RESULTS.md") if args.preset == "digits"
+  out = os.path.abspath(args.out or os.path.join("runs", f"reproduce_{args.preset}"))
+  results_path = args.results or ("RESULTS.md" if args.preset == "digits"
                                   else os.path.join(out, "RESULTS.md"))
   jobs = plan(p, out)
   if args.dry_run:
     for j in jobs:
       print(f"{'done' if done(out, j) else 'todo'}  {j.name:28s} {' '.join(j.args)}")
     return 0
-  cmd = "python -m lsvit.reproduce --preset " + args.preset + (f" --out {args.out}" if args.out else "")
-  from lsvit import results as results_lib
+  cmd = ("python -m tools.reproduce --preset " + args.preset
+         + (f" --out {args.out}" if args.out else ""))
   if args.report_only:
     try:
       results, timing = load_results(out)
     except FileNotFoundError as e:
-      print(f"error: no stored evaluation ({e.filename}); run without --report_only first", file=sys.stderr)
+      print(f"error: no stored evaluation ({e.filename}); run without --report_only first",
+            file=sys.stderr)
       return 1
-    print("wrote " + results_lib.write(results, p, args.preset, out, results_path, cmd, timing))
+    print("wrote " + report.write(results, p, args.preset, out, results_path, cmd, timing))
     return 0
   os.makedirs(out, exist_ok=True)
-  from lsvit.run import quiet_logs
-  quiet_logs()
+  train_lib.quiet_logs()
   t0 = time.time()
   timing_path = os.path.join(out, "timing.json")
   timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {"train_s": {}}
   try:
-    timing["train_s"].update(train_all(jobs, out, p.config, args.workers, not args.no_progress))
+    timing["train_s"].update(train_all(jobs, out, config_file(p), args.workers,
+                                       not args.no_progress))
   except RunFailed as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -337,8 +344,9 @@ def main(argv=None) -> int:
                                "workers": args.workers}
   with open(timing_path, "w") as f:
     json.dump(timing, f, indent=1)
-  path = results_lib.write(results, p, args.preset, out, results_path, cmd, timing)
-  print(f"wrote {path} (figures in {os.path.join(os.path.dirname(path), results_lib.figure_dir(args.preset))})")
+  path = report.write(results, p, args.preset, out, results_path, cmd, timing)
+  figures = os.path.join(os.path.dirname(path), report.figure_dir(args.preset))
+  print(f"wrote {path} (figures in {figures})")
   return 0
 
 

@@ -1,0 +1,107 @@
+"""The shape of the code: the library imports no tool, no import cycles, one config truth."""
+import ast
+import importlib
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+LIB = os.path.join(ROOT, "lsvit")
+TOOLS = ("bench", "tools", "configs", "tests", "train", "evaluate")
+
+
+def imports(path):
+  """Every module an import statement in ``path`` names, at any depth (functions too)."""
+  names = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      names |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      if node.module == "lsvit":  # from lsvit import x
+        names |= {f"lsvit.{a.name}" for a in node.names}
+  return names
+
+
+def library():
+  return sorted(f[:-3] for f in os.listdir(LIB) if f.endswith(".py"))
+
+
+def test_the_library_imports_no_tool():
+  for name in library():
+    bad = sorted(m for m in imports(os.path.join(LIB, f"{name}.py"))
+                 if m.split(".")[0] in TOOLS + ("transformers", "timm"))
+    assert not bad, f"lsvit/{name}.py imports {bad}"
+
+
+def test_importing_the_library_loads_no_torch():
+  """torch is read only for PyTorch pickles (.bin/.pth) and bfloat16 safetensors, inside
+  the function that reads them."""
+  code = ("import sys\n" + "".join(f"import lsvit.{n}\n" for n in library() if n != "__main__")
+          + "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'bench', 'tools', 'configs')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"
+
+
+def test_no_import_cycles_in_the_library():
+  graph = {n: {m.split(".")[1] for m in imports(os.path.join(LIB, f"{n}.py"))
+               if m.startswith("lsvit.")} for n in library()}
+  state = {}
+
+  def visit(n, path):
+    state[n] = "open"
+    for m in graph.get(n, ()):
+      assert state.get(m) != "open", "import cycle: " + " -> ".join(path + [n, m])
+      if m not in state:
+        visit(m, path + [n])
+    state[n] = "done"
+
+  for n in graph:
+    if n not in state:
+      visit(n, [])
+
+
+def test_no_line_over_100_columns_in_the_library():
+  long = [f"lsvit/{f}:{i}" for f in os.listdir(LIB) if f.endswith(".py")
+          for i, line in enumerate(open(os.path.join(LIB, f)), 1) if len(line.rstrip("\n")) > 100]
+  assert not long, long
+
+
+def test_every_config_overrides_default_and_adds_no_field():
+  """One source of truth: configs/default.py declares every field; the others override."""
+  sys.path.insert(0, ROOT)
+  from configs import default
+  from lsvit import train_lib
+
+  def keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+      out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out
+
+  base = keys(default.get_config().to_dict())
+  for f in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+    if f.endswith(".py") and f not in ("__init__.py", "default.py"):
+      c = importlib.import_module(f"configs.{f[:-3]}").get_config().to_dict()
+      assert keys(c) == base, (f, sorted(keys(c) ^ base))
+  assert {k for k in train_lib.ADDED_FIELDS} <= base
+
+
+def test_a_run_saved_before_fields_were_added_still_resumes():
+  """train_lib.ADDED_FIELDS: a saved config without a field later added to default.py matches
+  a config holding the value that field's absence meant; any other value is still refused."""
+  import pytest
+  from lsvit import checkpoint, train_lib
+  from tests.conftest import digits_config
+  now = digits_config().to_dict()
+  saved = {k: v for k, v in now.items()
+           if k not in ("pretrain_epochs", "pretrain_lr", "refine_from_pretrain")}
+  saved["model"] = {k: v for k, v in now["model"].items() if k != "name"}
+  train_lib._check_resumable(saved, now, "wd")  # the digits config as saved before
+  changed = dict(now, model=dict(now["model"], name="B/16"))
+  with pytest.raises(checkpoint.CheckpointError, match="model.name: '' -> 'B/16'"):
+    train_lib._check_resumable(saved, changed, "wd")
