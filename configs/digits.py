@@ -4,15 +4,7 @@
 with 2x2 patches. Stage 1 trains a sequential baseline (the stand-in for a pretrained
 model) and reports it collapsing under shuffled layers; stage 2 refines it with LayerShuffle.
 
-Recipe, chosen by measurement (one seed each, this 2-core CPU, validation top-1, impl='gather';
-with impl='permute' and today's default impl='fetch' -- same arithmetic, another summation
-order -- the default recipe gives 88.0 / 11.8 and 85.0 / 87.0, identical for both):
-  stage 1  baseline, 30 epochs, lr 1e-3        sequential 88.3%  arbitrary 11.8%   87 s
-  stage 2  from scratch, 40 epochs, lr 1e-3     sequential 63.5%  arbitrary 62.0%  128 s
-           refine stage 1, 40 epochs, lr 1e-3   sequential 74.7%  arbitrary 75.9%  142 s
-           from scratch, 60 epochs, lr 2e-3     sequential 85.5%  arbitrary 82.3%  165 s
-           from scratch, 80 epochs, lr 1e-3     sequential 85.8%  arbitrary 83.7%  265 s
-           refine stage 1, 60 epochs, lr 1e-3   sequential 84.1%  arbitrary 88.8%  165 s  <- default
+The recipe was chosen by measurement: docs/recipes.md.
 """
 from configs import default
 

@@ -59,7 +59,7 @@ def test_profile_step_attributes_ops_and_counts_matmul_flops():
 
 def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
   out, md = tmp_path / "b.json", tmp_path / "b.md"
-  r = subprocess.run([sys.executable, "-m", "lsvit.bench", "--quick", "--json", str(out),
+  r = subprocess.run([sys.executable, "-m", "bench.compare_torch", "--quick", "--json", str(out),
                       "--markdown", str(md)], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.load(open(out))

@@ -362,7 +362,7 @@ def write(results: dict, preset, name: str, out: str, path: str, command: str, t
       f"- Data: scikit-learn's real 8x8 handwritten digits ({facts.train_images:,} train / "
       f"{facts.eval_images:,} validation, {facts.num_classes} classes, chance "
       f"{100 / facts.num_classes:.0f} %), the stand-in for ImageNet2012 / CIFAR-100.",
-      f"- Model: {_arch(results)} ({preset.depth} layers as ViT-B/16; `{preset.config}` with "
+      f"- Model: {_arch(results)} ({preset.depth} layers as ViT-B/16; `configs/{preset.config}.py` with "
       f"{', '.join(preset.overrides) or 'no overrides'}; trained with impl='{facts.impl}').",
       f"- Stand-in for the public pretrained checkpoint: a sequential model trained from scratch "
       f"({preset.pretrain_epochs} epochs, lr {preset.pretrain_lr:g}), the `pretrained` column. Every other "
