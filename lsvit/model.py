@@ -58,11 +58,9 @@ def decode_name(name: str) -> dict:
 def dot_product_attention(query, key, value, bias=None, mask=None, dropout_rng=None,
                           dropout_rate=0.0, broadcast_dropout=True, deterministic=True, dtype=None,
                           **unused):
-  """Flax's ``dot_product_attention`` computed with the heads moved ahead of the tokens:
-  the two attention matmuls then batch over leading dimensions, which XLA CPU runs without
-  the transposes it inserts around flax's '...qhd,...khd->...hqk' (fwd+bwd per layer:
-  8.3 vs 10.0 ms at S/16 224 px batch 4, 0.56 vs 0.72 ms at Ti/16 32 px batch 64).
-  Same arithmetic and the same dropout draw as flax's, so the same numbers."""
+  """Flax's ``dot_product_attention`` with the heads moved ahead of the tokens, so that the
+  two attention matmuls batch over leading dimensions and XLA CPU inserts no transposes
+  (faster, BENCHMARKS.md). Same arithmetic and dropout draw as flax's: the same numbers."""
   del unused, dtype
   if bias is not None or mask is not None:
     raise ValueError("lsvit's attention takes no bias or mask (a ViT attends to every token)")
@@ -87,10 +85,9 @@ def fused_attention(query, key, value, bias=None, mask=None, dropout_rng=None,
 
 
 def gelu(x):
-  """Exact GELU in the form PyTorch computes it, x/2 (1 + erf(x/sqrt 2)). ``jax.nn.gelu``'s
-  exact form, x/2 erfc(-x/sqrt 2), lowers on XLA CPU to two branches with exponentials and
-  divisions: its forward and backward took 17 of 182 ms of a one-core Ti/16 32 px training
-  step, this form 10 ms (BENCHMARKS.md)."""
+  """Exact GELU in the form PyTorch computes it, x/2 (1 + erf(x/sqrt 2)): ``jax.nn.gelu``'s
+  erfc form lowers on XLA CPU to branches with exponentials and divisions (slower,
+  BENCHMARKS.md)."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
 
 

@@ -20,7 +20,7 @@ def main():
                              process_id=pid, local_device_ids=[0])
   assert jax.process_count() == 2 and len(jax.devices()) == 2 and len(jax.local_devices()) == 1
   from lsvit import train_lib
-  from tests.test_train_lib import tiny_config
+  from tests.helpers import tiny_config
   train_lib.quiet_logs()
   summary = train_lib.train_and_evaluate(tiny_config(), workdir)
   print(f"process {pid}: sequential top-1 {summary['sequential']['top1']:.4f}", flush=True)

@@ -9,7 +9,7 @@ import pytest
 
 from bench import compare_torch as bench
 from lsvit import model as model_lib
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_flop_formula_matches_the_known_vit_b16_figure():
@@ -26,8 +26,12 @@ def test_step_matmuls_are_the_analytic_flops_less_the_patch_convolution():
   batch = 5
   dots = bench.step_matmuls(model, jnp.zeros((batch, 16, 16, 3)), jnp.zeros((batch,), jnp.int32),
                             jnp.arange(3))
-  conv = 3 * 2 * (16 // 4) ** 2 * 4 * 4 * 3 * 32  # patch embedding, forward + 2x backward
-  assert bench.matmul_flops(dots) == batch * (bench.train_flops(s) - conv)
+  # The patch embedding is a convolution, not a dot_general: its multiply-adds per image are
+  # patches x (patch_size^2 x channels) x width, and a training step does them 3 times
+  # (forward, gradient of the input, gradient of the kernel) at 2 FLOPs each.
+  patches, channels = (16 // s["patch_size"]) ** 2, 3
+  conv_macs = patches * s["patch_size"] ** 2 * channels * s["width"]
+  assert bench.matmul_flops(dots) == batch * (bench.train_flops(s) - 3 * 2 * conv_macs)
 
 
 @pytest.mark.parametrize("lhs, rhs, dims", [
@@ -67,11 +71,12 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
   assert setup["compilations"] == 1 and setup["random_orders_run"] > 10
   for key in ("shuffle_overhead", "lsvit_train_img_s", "torch_train_img_s", "lsvit_infer_img_s",
               "torch_infer_img_s", "train_speedup_vs_torch", "mfu"):
-    s = setup[key]
-    assert 0 < s["min"] <= s["median"] <= s["max"], key
+    assert np.isfinite(setup[key]["max"]) and setup[key]["min"] > 0, key
   assert 0 < setup["memory_ratio"] < 10 and res["peak_f32_matmul_flops"] > 1e9
   for key in ("xla_matmuls_s", "torch_matmuls_s", "xla_adam_s", "ceiling_vs_torch"):
-    s = setup["floor"][key]
-    assert 0 < s["min"] <= s["median"] <= s["max"], key
-  assert "| 1. shuffled ÷ sequential step time | ≤ 1.02 |" in open(md).read()
-  assert "… the same matmuls alone, torch, ms | " in open(md).read()
+    assert np.isfinite(setup["floor"][key]["max"]) and setup["floor"][key]["min"] > 0, key
+  # the report shows the measured numbers, not only its template
+  text = open(md).read()
+  assert f"{setup['shuffle_overhead']['median']:.3f}" in text
+  assert f"{setup['train_speedup_vs_torch']['median']:.2f}" in text
+  assert f"{setup['compilations']} ({setup['random_orders_run']})" in text

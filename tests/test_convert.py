@@ -1,6 +1,5 @@
 """Converted weights give the reference implementation's logits (max |diff| <= 1e-4, f32),
 in the original order, a random permutation and a pruned order."""
-import os
 
 import jax
 import numpy as np

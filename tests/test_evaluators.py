@@ -10,7 +10,7 @@ import pytest
 from lsvit import cli
 from lsvit import evaluators as E
 from lsvit import train_lib
-from tests.test_train_lib import tiny_config
+from tests.helpers import tiny_config
 
 DEPTH = 4
 
@@ -115,7 +115,7 @@ def test_ensemble_of_one_run_equals_that_run(trained):
   assert res["ensemble"]["top1"] == res["single"]["top1"]["mean"]
   assert res["ensemble"]["top5"] == res["single"]["top5"]["mean"]
   both = E.get("ensemble", orders=1)(ev, E.load_runs(dirs["layershuffle"]))
-  assert both["ensemble"]["top1"] >= both["single"]["top1"]["mean"]  # paper: ensemble > single
+  assert both["ensemble"]["top1"] > both["single"]["top1"]["mean"]  # paper: ensemble > single
 
 
 def test_position_accuracy_synthetic_and_trained(trained):

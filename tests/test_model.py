@@ -6,7 +6,7 @@ import pytest
 from bench import lost_impls
 from lsvit import model as model_lib
 from lsvit import train_lib
-from tests.conftest import digits_config
+from tests.helpers import digits_config
 
 DEPTH = 6
 

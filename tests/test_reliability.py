@@ -17,8 +17,8 @@ from lsvit import model as model_lib
 from lsvit import cli
 from lsvit import train_lib
 from tests import reference
-from tests.conftest import ROOT
-from tests.test_train_lib import max_diff, tiny_config
+from tests.helpers import ROOT
+from tests.helpers import max_diff, tiny_config
 
 SPE = 44  # steps per epoch of tiny_config (1,438 training digits, batch 32)
 

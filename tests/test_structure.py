@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 LIB = os.path.join(ROOT, "lsvit")
 TOOLS = ("bench", "tools", "configs", "tests", "train", "evaluate")
@@ -19,8 +19,8 @@ def imports(path):
       names |= {a.name for a in node.names}
     elif isinstance(node, ast.ImportFrom) and node.module:
       names.add(node.module)
-      if node.module == "lsvit":  # from lsvit import x
-        names |= {f"lsvit.{a.name}" for a in node.names}
+      if node.module in ("lsvit", "tools", "bench"):  # from lsvit import x
+        names |= {f"{node.module}.{a.name}" for a in node.names}
   return names
 
 
@@ -47,20 +47,34 @@ def test_importing_the_library_loads_no_torch():
   assert out.stdout.strip() == "[]"
 
 
-def test_no_import_cycles_in_the_library():
-  graph = {n: {m.split(".")[1] for m in imports(os.path.join(LIB, f"{n}.py"))
-               if m.startswith("lsvit.")} for n in library()}
+def first_party():
+  """module name -> path, for the library and the tools beside it."""
+  out = {f"lsvit.{n}": os.path.join(LIB, f"{n}.py") for n in library()}
+  for pkg in ("tools", "bench"):
+    for f in os.listdir(os.path.join(ROOT, pkg)):
+      if f.endswith(".py") and f != "__init__.py":
+        out[f"{pkg}.{f[:-3]}"] = os.path.join(ROOT, pkg, f)
+  return out
+
+
+def test_no_import_cycles():
+  modules = first_party()
+
+  def targets(path):
+    return {n for m in imports(path) for n in modules if m == n or m.startswith(n + ".")}
+
+  graph = {n: targets(p) - {n} for n, p in modules.items()}
   state = {}
 
   def visit(n, path):
     state[n] = "open"
-    for m in graph.get(n, ()):
+    for m in sorted(graph[n]):
       assert state.get(m) != "open", "import cycle: " + " -> ".join(path + [n, m])
       if m not in state:
         visit(m, path + [n])
     state[n] = "done"
 
-  for n in graph:
+  for n in sorted(graph):
     if n not in state:
       visit(n, [])
 
@@ -96,7 +110,7 @@ def test_a_run_saved_before_fields_were_added_still_resumes():
   a config holding the value that field's absence meant; any other value is still refused."""
   import pytest
   from lsvit import checkpoint, train_lib
-  from tests.conftest import digits_config
+  from tests.helpers import digits_config
   now = digits_config().to_dict()
   saved = {k: v for k, v in now.items()
            if k not in ("pretrain_epochs", "pretrain_lr", "refine_from_pretrain")}

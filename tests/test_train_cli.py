@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, digits_config
+from tests.helpers import ROOT, digits_config
 
 
 def test_default_workdir_names_config_variant_and_seed():

@@ -13,23 +13,7 @@ from etils import epath
 
 from lsvit import checkpoint as ckpt_lib
 from lsvit import train_lib
-from tests.conftest import ROOT, digits_config
-
-
-def tiny_config(**kw):
-  base = {"model.depth": 4, "model.width": 32, "model.mlp_dim": 64, "model.num_heads": 2,
-          "batch_size": 32, "eval_batch_size": 120, "num_epochs": 2, "log_every_steps": 5,
-          "eval_orders": 2}
-  base.update(kw)
-  return digits_config(**base)
-
-
-def leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def max_diff(a, b):
-  return max(float(np.abs(x - y).max()) for x, y in zip(leaves(a), leaves(b)))
+from tests.helpers import ROOT, leaves, max_diff, tiny_config
 
 
 def run_py(code, env=None, timeout=600):
@@ -44,7 +28,7 @@ FOUR_DEVICES = r"""
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
 from lsvit import train_lib, model as model_lib
-from tests.test_train_lib import tiny_config
+from tests.helpers import tiny_config
 config = tiny_config(variant="layershuffle", **{"model.dropout": 0.1})
 
 def run_steps(devices, n=6):
