@@ -1,6 +1,7 @@
-"""The commands: ``lsvit-train``, ``lsvit-evaluate``, ``lsvit-convert`` (or ``python -m lsvit
-train|evaluate|convert``; ``train.py`` and ``evaluate.py`` at the repository root call the
-same functions). Every mistake in the input is one line on stderr and a non-zero exit."""
+"""The commands: ``lsvit-train``, ``lsvit-evaluate``, ``lsvit-convert``, ``lsvit-export`` (or
+``python -m lsvit train|evaluate|convert|export``; ``train.py`` and ``evaluate.py`` at the
+repository root call the same functions). A mistake in the input is one line on stderr and a
+non-zero exit."""
 from __future__ import annotations
 
 import argparse
@@ -192,7 +193,17 @@ def convert_main(argv: Optional[List[str]] = None):
   sys.exit(convert.main(argv))
 
 
-COMMANDS = {"train": train_main, "evaluate": evaluate_main, "convert": convert_main}
+def export_main(argv: Optional[List[str]] = None):
+  from lsvit import export
+  code = export.main(argv)
+  if code:  # after a failed restore Orbax's reader threads print tracebacks as Python exits
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
+COMMANDS = {"train": train_main, "evaluate": evaluate_main, "convert": convert_main,
+            "export": export_main}
 
 
 def main(argv: Optional[List[str]] = None):

@@ -384,6 +384,8 @@ def _heads_for(width: int, hf_cfg: dict, num_heads=None) -> int:
     return int(num_heads)
   if hf_cfg.get("num_attention_heads"):
     return int(hf_cfg["num_attention_heads"])
+  if (hf_cfg.get("model_args") or {}).get("num_heads"):  # timm's hub config of a custom size
+    return int(hf_cfg["model_args"]["num_heads"])
   arch = re.match(r"(?:vit|deit)_(tiny|small|base|large|huge)_", hf_cfg.get("architecture", ""))
   if arch:  # timm's config.json names the architecture, e.g. vit_base_patch16_224
     return {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}[arch.group(1)]

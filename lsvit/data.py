@@ -29,8 +29,9 @@ class DataError(RuntimeError):
 # ----------------------------------------------------------------------------- sources
 
 class ArraySource:
-  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, class_names=None):
     self.images, self.labels, self.num_classes = images, labels.astype(np.int32), num_classes
+    self.class_names = list(class_names) if class_names is not None else None
 
   def __len__(self):
     return len(self.labels)
@@ -52,7 +53,7 @@ def digits(split: str, val_fraction: float = 0.2) -> ArraySource:
   idx = {"train": perm[:-n_val], "validation": perm[-n_val:]}.get(split)
   if idx is None:
     raise DataError(f"digits has splits 'train' and 'validation', not {split!r}")
-  return ArraySource(images[idx], d.target[idx], 10)
+  return ArraySource(images[idx], d.target[idx], 10, [str(c) for c in d.target_names])
 
 
 class TfdsSource:
@@ -80,6 +81,7 @@ class TfdsSource:
       self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     builder = tfds.builder(name, data_dir=data_dir)
     self.num_classes = builder.info.features[label_key].num_classes
+    self.class_names = list(builder.info.features[label_key].names)
     self.image_key, self.label_key = image_key, label_key
 
   def __len__(self):
@@ -141,6 +143,7 @@ class FolderSource:
                       + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
                       + "; add images or remove the folder")
     self.num_classes = len(self.classes)
+    self.class_names = list(self.classes)
 
   def __len__(self):
     return len(self.items)

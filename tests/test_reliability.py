@@ -373,7 +373,7 @@ def test_train_cli_flag_errors_print_no_traceback(tmp_path):
   env = {**os.environ, "PYTHONPATH": ROOT}
   for args, want in ((["--config=configs/digits.py", "--config.nosuch=1"], "--config.nosuch=1"),
                      (["--config=configs/nope.py"], "no such config file"),
-                     ([], "--config must have a value")):
+                     ([], "--config is required")):
     r = subprocess.run([sys.executable, "train.py", *args, f"--workdir={tmp_path}/w"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
