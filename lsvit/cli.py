@@ -79,6 +79,12 @@ def _parse_train_flags(argv):
          f"({msg}); see the fields in the config file")
   except OSError as e:
     _die(f"cannot load --config: {str(e).splitlines()[-1].strip()}")
+  except ImportError as e:  # the config file's own imports
+    hint = ""
+    if e.name and e.name.split(".")[0] == "configs":
+      hint = ("; a config imports its base as `from configs import default`: run from the "
+              "directory that holds configs/, or put that directory on PYTHONPATH")
+    _die(f"cannot load --config: {e}{hint}")
   if flags.FLAGS["config"].value is None:
     _die("--config is required (e.g. --config=configs/digits.py)")
   return rest

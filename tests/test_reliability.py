@@ -371,7 +371,9 @@ def test_evaluate_bad_inputs_give_one_line(trained, tmp_path, capsys):
 
 def test_train_cli_flag_errors_print_no_traceback(tmp_path):
   env = {**os.environ, "PYTHONPATH": ROOT}
+  (tmp_path / "bad.py").write_text("from configs import nosuch\n")
   for args, want in ((["--config=configs/digits.py", "--config.nosuch=1"], "--config.nosuch=1"),
+                     ([f"--config={tmp_path / 'bad.py'}"], "put that directory on PYTHONPATH"),
                      (["--config=configs/nope.py"], "no such config file"),
                      ([], "--config is required")):
     r = subprocess.run([sys.executable, "train.py", *args, f"--workdir={tmp_path}/w"], cwd=ROOT,

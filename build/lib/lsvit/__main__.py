@@ -1,0 +1,4 @@
+"""``python -m lsvit train|evaluate|convert ...``."""
+from lsvit import cli
+
+cli.main()
