@@ -129,7 +129,7 @@ class Block(nn.Module):
       # Paper 3.2: z'' = Dropout(GELU(LN(concat(z, e_p)) W_proj)) + z.
       if self.pos_table == "per_layer":
         table = self.param("pos_table", nn.initializers.normal(0.02), (self.depth, self.pos_dim))
-        emb = table[position]
+        emb = jnp.asarray(table)[position]  # host (numpy) params too
       else:
         emb = shared_pos_emb
       emb = jnp.broadcast_to(emb.astype(x.dtype), x.shape[:-1] + (self.pos_dim,))
@@ -179,7 +179,7 @@ class Encoder(nn.Module):
 
     def run_block(params, x, position, table=table, key=key):
       rngs = {} if key is None else {"dropout": jax.random.fold_in(key, position)}
-      emb = None if table is None else table[position]
+      emb = None if table is None else jnp.asarray(table)[position]
       return block.apply({"params": params}, x, position, emb, not train, rngs=rngs)
 
     def finish(layer, x, act):  # one position: the layer (or LayerDrop's skip) and its outputs

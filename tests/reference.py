@@ -109,3 +109,31 @@ def npz_state(model):
     out[t + "MlpBlock_3/Dense_0/kernel"], out[t + "MlpBlock_3/Dense_0/bias"] = sd[s + "mlp.fc1.weight"].T, sd[s + "mlp.fc1.bias"]
     out[t + "MlpBlock_3/Dense_1/kernel"], out[t + "MlpBlock_3/Dense_1/bias"] = sd[s + "mlp.fc2.weight"].T, sd[s + "mlp.fc2.bias"]
   return out
+
+
+def variant_forward(model, images_nhwc, order, variant, extras, eps):
+  """A `transformers` ViT run as LayerShuffle-position or -predict, written from the paper
+  (Sec. 3.2, 3.3) and the authors' architecture, independently of lsvit:
+  position: before the layer at position p, z <- z + GELU(Linear(LN(concat(z, e_p)))), with one
+    shared table e of F=32 rows indexed by position, and the LN and Linear of the layer;
+  predict: after each layer, Linear(LN(mean of the tokens)) predicts the position it ran at.
+  ``extras`` holds numpy arrays stacked on the layer axis. Returns (logits, position logits)."""
+  import torch.nn.functional as F
+  t = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in extras.items()}
+  vit = model.vit
+  x = vit.embeddings(torch.from_numpy(np.transpose(images_nhwc, (0, 3, 1, 2))))
+  pos_logits = []
+  with torch.no_grad():
+    for p, l in enumerate(order):
+      if variant == "position":
+        e = t["table"][p].expand(x.shape[0], x.shape[1], -1)
+        z = torch.cat([x, e], -1)
+        h = F.layer_norm(z, (z.shape[-1],), t["proj_ln_w"][l], t["proj_ln_b"][l], eps)
+        x = x + F.gelu(F.linear(h, t["proj_w"][l], t["proj_b"][l]))
+      x = vit.layers[l](x)
+      if variant == "predict":
+        u = F.layer_norm(x.mean(1), (x.shape[-1],), t["head_ln_w"][l], t["head_ln_b"][l], eps)
+        pos_logits.append(F.linear(u, t["head_w"][l], t["head_b"][l]))
+    x = vit.layernorm(x)
+    logits = model.classifier(x[:, 0]).numpy()
+  return logits, (torch.stack(pos_logits).numpy() if pos_logits else None)
