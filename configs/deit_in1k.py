@@ -1,8 +1,8 @@
 """Refine facebook/deit-base-distilled-patch16-224 on ImageNet2012.
 
-The distilled model's logits are the mean of its class- and distillation-token heads
-(as transformers' DeiTForImageClassificationWithTeacher); refinement trains that mean
-against the labels (no teacher network).
+As the authors' code (transformers' DeiTForImageClassification): the class-token head alone,
+freshly initialised; the distillation token stays, its head is dropped. --config.model.deit_head=mean
+keeps both pretrained heads and trains their mean (DeiTForImageClassificationWithTeacher).
 """
 from configs import default
 
@@ -10,7 +10,7 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.init_from = "hf:facebook/deit-base-distilled-patch16-224"
-  c.model.update(name="B/16", distilled=True, ln_eps=1e-12)
+  c.model.update(name="B/16", distilled=True, ln_eps=1e-12, deit_head="cls")
   c.data.update(name="imagenet2012", train_split="train", eval_split="validation", preprocess="deit")
   c.num_epochs = 20
   return c

@@ -364,10 +364,13 @@ def _infer_config(flat: Flat, ln_eps: float = 1e-6) -> dict:
   mlp = _layer_dim(flat, "MlpBlock_3/Dense_0/kernel", -1)
   heads = _layer_dim(flat, "MultiHeadDotProductAttention_1/query/kernel", 1)
   head = flat.get("head/kernel")
-  return dict(num_classes=int(head.shape[-1]) if head is not None else 1000,
-              image_size=int(grid * patch), channels=int(channels), patch_size=int(patch),
-              width=int(width), depth=depth, mlp_dim=int(mlp), num_heads=int(heads),
-              distilled=distilled, ln_eps=float(ln_eps))
+  cfg = dict(num_classes=int(head.shape[-1]) if head is not None else 1000,
+             image_size=int(grid * patch), channels=int(channels), patch_size=int(patch),
+             width=int(width), depth=depth, mlp_dim=int(mlp), num_heads=int(heads),
+             distilled=distilled, ln_eps=float(ln_eps))
+  if distilled and "head_dist/kernel" not in flat:  # DeiTForImageClassification: one head
+    cfg["deit_head"] = "cls"
+  return cfg
 
 
 def _layer_dim(flat, name, axis):
@@ -524,6 +527,9 @@ def adapt(params: dict, init: dict, model: "model_lib.ViT", keep_layers=None,
   init = _flatten(init)
   out = {}
   prefix = 2 if model.distilled else 1
+  # The authors' DeiTForImageClassification on a distilled checkpoint: a fresh class-token head
+  # (the checkpoint's heads are named for the two-head model and are not loaded).
+  fresh_head = model.distilled and model.deit_head == "cls" and "head_dist/kernel" in params
   stacked = params["Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
   if keep_layers:
     if not 1 <= keep_layers <= stacked:
@@ -543,7 +549,7 @@ def adapt(params: dict, init: dict, model: "model_lib.ViT", keep_layers=None,
       v = v[kept]
     if k == "pos_embedding" and v.shape != want.shape:
       v = resize_pos_embedding(v, prefix, model.image_size // model.patch_size)
-    if k.startswith(("head/", "head_dist/")) and v.shape != want.shape:
+    if k.startswith(("head/", "head_dist/")) and (v.shape != want.shape or fresh_head):
       v = np.asarray(want)  # new task: the head is re-initialised (zeros by default)
     if v.shape != want.shape:
       raise ValueError(f"pretrained {k} has shape {v.shape}, model wants {want.shape}: "

@@ -24,10 +24,11 @@ import numpy as np
 
 from lsvit import checkpoint as ckpt_lib
 from lsvit import data as data_lib
+from lsvit import model as model_lib
 from lsvit import order as order_lib
 
 Flat = Dict[str, np.ndarray]
-DEIT_HEADS = ("both", "cls")  # DeiT: the mean of both heads (what lsvit trains), or cls alone
+DEIT_HEADS = model_lib.DEIT_HEADS  # DeiT: the mean of both heads, or the class-token head
 EXTRA_FILE = "lsvit_extra.safetensors"
 # timm's size names by width (its ViT table), for the architecture name in config.json
 TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
@@ -99,9 +100,11 @@ def _layer_norms(sd: Flat, prefix: str, blk: dict, before: str, after: str):
     sd[prefix + theirs + ".bias"] = blk[ours]["bias"]
 
 
-def hf_state_dict(params: dict, cfg: dict, deit_head: str = "both") -> Flat:
+def hf_state_dict(params: dict, cfg: dict, deit_head: Optional[str] = None) -> Flat:
   """The names ``save_pretrained`` stores on the hub, for ViTForImageClassification or, when
-  distilled, DeiTForImageClassificationWithTeacher (``both``) / DeiTForImageClassification."""
+  distilled, DeiTForImageClassificationWithTeacher (``mean``) / DeiTForImageClassification
+  (``cls``); ``None``: the head the model was trained with."""
+  deit_head = deit_head or cfg.get("deit_head", "mean")
   d, h, _ = _dims(cfg)
   p = "deit." if cfg["distilled"] else "vit."
   sd = {p + "embeddings.cls_token": params["cls"],
@@ -128,7 +131,7 @@ def hf_state_dict(params: dict, cfg: dict, deit_head: str = "both") -> Flat:
     sd[o + "output.dense.weight"] = _linear_out(mlp["Dense_1"]["kernel"])
     sd[o + "output.dense.bias"] = mlp["Dense_1"]["bias"]
   heads = [("head", "classifier")]
-  if cfg["distilled"] and deit_head == "both":
+  if cfg["distilled"] and deit_head == "mean":
     heads = [("head", "cls_classifier"), ("head_dist", "distillation_classifier")]
   for ours, theirs in heads:
     sd[theirs + ".weight"] = _linear_out(params[ours]["kernel"])
@@ -136,15 +139,17 @@ def hf_state_dict(params: dict, cfg: dict, deit_head: str = "both") -> Flat:
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 
-def hf_architecture(cfg: dict, deit_head: str = "both") -> str:
+def hf_architecture(cfg: dict, deit_head: Optional[str] = None) -> str:
+  deit_head = deit_head or cfg.get("deit_head", "mean")
   if not cfg["distilled"]:
     return "ViTForImageClassification"
-  return ("DeiTForImageClassificationWithTeacher" if deit_head == "both"
+  return ("DeiTForImageClassificationWithTeacher" if deit_head == "mean"
           else "DeiTForImageClassification")
 
 
-def hf_config(cfg: dict, labels, deit_head: str = "both") -> dict:
+def hf_config(cfg: dict, labels, deit_head: Optional[str] = None) -> dict:
   """Every field that decides the logits, stated (transformers' defaults are not relied on)."""
+  deit_head = deit_head or cfg.get("deit_head", "mean")
   return {
       "architectures": [hf_architecture(cfg, deit_head)],
       "model_type": "deit" if cfg["distilled"] else "vit",
@@ -321,9 +326,11 @@ def model_card(cfg: dict, facts: dict, to: str, deit_head: str, partial: list,
     lines += ["No evaluation is stored with this checkpoint (a converted model, not a run).", ""]
   if cfg["distilled"] and to == "hf":
     lines += [("The logits are the mean of the class-token and distillation-token heads, as "
-               "lsvit trained and evaluated them.") if deit_head == "both" else
-              ("Exported with `--deit_head cls`: the logits are the class-token head's alone, "
-               "not the mean of both heads that lsvit trained and evaluated."), ""]
+               "lsvit trained and evaluated them.") if deit_head == "mean" else
+              "The logits are the class-token head's alone" +
+              (", as lsvit trained and evaluated them." if cfg.get("deit_head") == "cls" else
+               " (exported with `--deit_head cls`), not the mean of both heads that lsvit "
+               "trained and evaluated."), ""]
   if to == "hf":
     owner = "model.deit" if cfg["distilled"] else "model.vit"
     lines += ["## Running the layers in another order", "",
@@ -364,7 +371,7 @@ def model_card(cfg: dict, facts: dict, to: str, deit_head: str, partial: list,
 
 # ----------------------------------------------------------------------------- export
 
-def export(source: str, to: str, out: str, deit_head: str = "both", partial: bool = False,
+def export(source: str, to: str, out: str, deit_head: Optional[str] = None, partial: bool = False,
            log=print) -> str:
   """Writes the export into the new directory ``out``; returns ``out``."""
   from safetensors.numpy import save_file
@@ -375,11 +382,16 @@ def export(source: str, to: str, out: str, deit_head: str = "both", partial: boo
   if os.path.exists(out):
     raise ExportError(f"{out} already exists; choose a new --out (nothing is overwritten)")
   params, cfg, facts = read_source(source)
-  if deit_head != "both" and not cfg["distilled"]:
+  trained = cfg.get("deit_head", "mean")  # model.json of runs before the field: both heads
+  if deit_head is not None and not cfg["distilled"]:
     raise ExportError("--deit_head applies to distilled (DeiT) models; this model has one head")
-  if to == "timm" and deit_head != "both":
-    raise ExportError("timm's DeiT keeps both heads (its distilled model averages them); "
-                      "--deit_head cls is for --to hf")
+  if deit_head == "mean" and trained == "cls":
+    raise ExportError("this DeiT was trained with its class-token head alone (deit_head='cls'); "
+                      "it has no distillation head to average: use --deit_head cls")
+  deit_head = deit_head or trained
+  if to == "timm" and cfg["distilled"] and deit_head != "mean":
+    raise ExportError("timm's distilled DeiT averages both heads; a class-token-head-only DeiT "
+                      "has no timm equivalent: use --to hf")
   extra = extras(params)
   is_partial = cfg["variant"] == "position"
   if is_partial and not partial:
@@ -439,9 +451,9 @@ def main(argv=None) -> int:
                   help="a training workdir (its best checkpoint) or a converted checkpoint")
   ap.add_argument("--to", required=True, choices=["hf", "timm"])
   ap.add_argument("--out", required=True, help="a new directory for the export")
-  ap.add_argument("--deit_head", default="both", choices=list(DEIT_HEADS),
-                  help="DeiT: 'both' (DeiTForImageClassificationWithTeacher, the mean of both "
-                       "heads, as trained) or 'cls' (DeiTForImageClassification, class token)")
+  ap.add_argument("--deit_head", choices=list(DEIT_HEADS),
+                  help="DeiT: 'mean' (DeiTForImageClassificationWithTeacher, both heads) or 'cls' "
+                       "(DeiTForImageClassification, class token); default: as trained")
   ap.add_argument("--partial", action="store_true",
                   help="export a 'position' model without its position projections")
   ap.add_argument("--push_to_hub", metavar="REPO", help="also upload to this hub repository")

@@ -29,6 +29,8 @@ from lsvit import fetch as fetch_lib
 from lsvit import order as order_lib
 
 IMPLS = ("fetch", "gather", "switch", "sequential")
+INITS = {"normal": nn.initializers.normal(0.02), "zeros": nn.initializers.zeros}
+DEIT_HEADS = ("mean", "cls")
 
 # name -> (width, depth, mlp_dim, heads); big_vision's table.
 SIZES = {
@@ -116,6 +118,8 @@ class Block(nn.Module):
   variant: str = "baseline"
   pos_dim: int = 32
   pos_table: str = "shared"
+  pos_table_init: str = "normal"
+  predict_head_init: str = "zeros"
   dropout: float = 0.0
   attn_dropout: float = 0.0
   ln_eps: float = 1e-6
@@ -128,7 +132,7 @@ class Block(nn.Module):
     if self.variant == "position":
       # Paper 3.2: z'' = Dropout(GELU(LN(concat(z, e_p)) W_proj)) + z.
       if self.pos_table == "per_layer":
-        table = self.param("pos_table", nn.initializers.normal(0.02), (self.depth, self.pos_dim))
+        table = self.param("pos_table", INITS[self.pos_table_init], (self.depth, self.pos_dim))
         emb = jnp.asarray(table)[position]  # host (numpy) params too
       else:
         emb = shared_pos_emb
@@ -157,7 +161,7 @@ class Block(nn.Module):
       # Paper 3.3: u = LN(z_t) W_pred, on the token mean (as the authors' code).
       u = ln(name="PositionHead_LayerNorm")(x.mean(axis=1))
       pos_logits = nn.Dense(self.depth, dtype=self.dtype, name="PositionHead_Dense",
-                            kernel_init=nn.initializers.zeros)(u).astype(jnp.float32)
+                            kernel_init=INITS[self.predict_head_init])(u).astype(jnp.float32)
     return x, pos_logits
 
 
@@ -173,7 +177,7 @@ class Encoder(nn.Module):
     block = self.block.clone(parent=None)  # an unbound template: apply() is a pure function
     table = None
     if block.variant == "position" and block.pos_table == "shared":
-      table = self.param("layer_pos_embedding", nn.initializers.normal(0.02),
+      table = self.param("layer_pos_embedding", INITS[block.pos_table_init],
                          (self.depth, block.pos_dim))
     key = self.make_rng("dropout") if train and _uses_dropout(block) else None
 
@@ -277,6 +281,9 @@ class ViT(nn.Module):
   variant: str = "baseline"
   pos_dim: int = 32
   pos_table: str = "shared"
+  pos_table_init: str = "normal"     # the authors' code: "zeros"
+  predict_head_init: str = "zeros"   # the authors' code: "normal" (transformers' Linear init)
+  deit_head: str = "mean"            # distilled: "mean" of both heads | "cls" head alone
   dropout: float = 0.0
   attn_dropout: float = 0.0
   ln_eps: float = 1e-6
@@ -345,8 +352,14 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x + pos.astype(self.dtype), not train)
     embedded = x
 
+    for name, value, allowed in (("pos_table_init", self.pos_table_init, INITS),
+                                 ("predict_head_init", self.predict_head_init, INITS),
+                                 ("deit_head", self.deit_head, DEIT_HEADS)):
+      if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(allowed)}")
     block = Block(mlp_dim=self.mlp_dim, num_heads=self.num_heads, depth=self.depth,
                   variant=self.variant, pos_dim=self.pos_dim, pos_table=self.pos_table,
+                  pos_table_init=self.pos_table_init, predict_head_init=self.predict_head_init,
                   dropout=self.dropout, attn_dropout=self.attn_dropout, ln_eps=self.ln_eps,
                   attention=self.attention, dtype=self.dtype, parent=None)
     x, aux = self.encoder(self.depth, block, self.impl, self.remat, name="Transformer")(
@@ -356,7 +369,7 @@ class ViT(nn.Module):
     head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.xavier_uniform()
     head = functools.partial(nn.Dense, self.num_classes, kernel_init=head_init, dtype=self.dtype)
     logits = head(name="head")(x[:, 0]).astype(jnp.float32)
-    if self.distilled:  # inference logits average both heads, as HF ...WithTeacher does
+    if self.distilled and self.deit_head == "mean":  # as HF ...WithTeacher: both heads' mean
       logits = (logits + head(name="head_dist")(x[:, 1]).astype(jnp.float32)) / 2
     out = {"logits": logits}
     if self.variant == "predict":

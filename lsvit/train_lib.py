@@ -35,7 +35,12 @@ RESUMABLE_FIELDS = ("num_epochs", "log_every_steps", "eval_orders", "progress", 
 # effect: a saved config without one matches a config holding this value (tested).
 ADDED_FIELDS = {"model.name": "", "model.width": 0, "model.depth": 0, "model.mlp_dim": 0,
                 "model.num_heads": 0, "model.patch_size": 0, "pretrain_epochs": 0,
-                "pretrain_lr": 1e-3, "refine_from_pretrain": True}
+                "pretrain_lr": 1e-3, "refine_from_pretrain": True, "best_by": "sequential",
+                "model.pos_table_init": "normal", "model.predict_head_init": "zeros",
+                "model.deit_head": "mean"}
+# The same for model.json (the model's fields): the ViT defaults, what those runs computed.
+ADDED_MODEL_FIELDS = {"pos_table_init": "normal", "predict_head_init": "zeros",
+                      "deit_head": "mean"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,7 +152,8 @@ def check_workdir_identity(workdir: str, cfg_dict: dict, model_cfg: dict) -> boo
     raise ckpt_lib.CheckpointError(f"{cfg_path} is damaged; cannot tell which run {workdir} "
                                    f"holds. Use a new --workdir.") from None
   _check_resumable(saved, cfg_dict, workdir)
-  ckpt_lib.check_same_model(ckpt_lib.load_model_cfg(workdir), model_cfg, workdir)
+  ckpt_lib.check_same_model({**ADDED_MODEL_FIELDS, **ckpt_lib.load_model_cfg(workdir)},
+                            model_cfg, workdir)
   return False
 
 
@@ -168,6 +174,8 @@ def check_config(config):
   for name in ("batch_size", "eval_batch_size", "num_epochs"):
     if not isinstance(config[name], int) or config[name] <= 0:
       raise ValueError(f"{name}={config[name]!r}: must be a positive whole number")
+  if config.best_by not in ("auto", "sequential", "arbitrary"):
+    raise ValueError(f"best_by={config.best_by!r}: choose auto, sequential or arbitrary")
   if config.keep_checkpoints < 2:
     raise ValueError(f"keep_checkpoints={config.keep_checkpoints}: at least 2 are kept, so "
                      "that a run stopped while saving still has a verified checkpoint")
@@ -235,13 +243,19 @@ def classification_sums(logits, labels, mask) -> dict:
           "count": mask.sum()}
 
 
-def make_eval_step(model):
+def make_eval_step(model, position_reduction: str = "mean"):
   def eval_step(params, batch, order):
     out = model.apply({"params": params}, batch["image"], order)
     sums = classification_sums(out["logits"], batch["label"], batch["mask"])
     if "pos_logits" in out:
-      hit = out["pos_logits"].argmax(-1) == jnp.arange(order.shape[0])[:, None]
+      pos = out["pos_logits"]
+      hit = pos.argmax(-1) == jnp.arange(order.shape[0])[:, None]
       sums["position_hits"] = (hit & batch["mask"][None]).sum(axis=1)  # per position [n]
+      # each example's position loss, reduced over layers as in training (position_loss)
+      target = jnp.broadcast_to(jnp.arange(pos.shape[0])[:, None], pos.shape[:2])
+      ce = cross_entropy(pos, target)  # [n, B]
+      per_example = ce.sum(0) if position_reduction == "sum" else ce.mean(0)
+      sums["position_ce"] = (per_example * batch["mask"]).sum()
     return sums
 
   return eval_step
@@ -302,9 +316,10 @@ class Evaluation:
   """A model's metrics over one loader (training's validation, the final summary and every
   evaluator): one compiled step, a layer order per batch given as data."""
 
-  def __init__(self, model, placement: Placement, loader: data_lib.Loader):
+  def __init__(self, model, placement: Placement, loader: data_lib.Loader,
+               position_reduction: str = "mean"):
     self.model, self.placement, self.loader = model, placement, loader
-    self.step = placement.jit(make_eval_step(model))
+    self.step = placement.jit(make_eval_step(model, position_reduction))
 
   def __call__(self, params, orders, desc: Optional[str] = None) -> dict:
     """Loss/top-1/top-5 (and position accuracy for 'predict'). ``orders`` [k, n]: batch b of
@@ -322,6 +337,7 @@ class Evaluation:
       n = max(float(total["count"]), 1.0)
       out["position_accuracy"] = float(total["position_hits"].sum() / (n * orders.shape[1]))
       out["position_accuracy_per_position"] = (total["position_hits"] / n).tolist()
+      out["position_loss"] = float(total["position_ce"] / n)
     return out
 
   def sums(self, fn, per_batch, desc: Optional[str] = None):
@@ -399,7 +415,8 @@ def build_setup(config, mesh: Optional[Mesh] = None) -> TrainSetup:
   tx, _ = make_optimizer(config, total)
   train_step = placement.jit(make_train_step(model, tx, config), "rb", donate_argnums=(0,))
   return TrainSetup(config, model, placement, train_loader,
-                    Evaluation(model, placement, eval_loader), tx, train_step, steps_per_epoch,
+                    Evaluation(model, placement, eval_loader, config.predict_loss_reduction),
+                    tx, train_step, steps_per_epoch,
                     total, mcfg)
 
 
@@ -504,7 +521,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     state = placement.replicate(fresh_state())
   writer = _Writer(workdir, main)
   best = ckpts.best_meta()
-  best_loss = best["val"]["loss"] if best else math.inf
+  best_loss = (best.get("select_loss", best["val"]["loss"]) if best else math.inf)
+  best_by = selection_order(config)
   spe = setup.steps_per_epoch
   log_every = max(1, config.log_every_steps)
   show_bar = main and config.progress
@@ -566,16 +584,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       val = evaluation(state["params"], np.arange(model.depth)[None])
       record = {"epoch": epoch + 1, "train": train_m, "val": val,
                 "images_per_s": seen * config.batch_size / max(elapsed, 1e-9)}
+      if best_by == "arbitrary":  # one pass, a fresh order per batch, new orders every epoch
+        rng = np.random.default_rng([config.eval_seed, epoch + 1])
+        record["val_arbitrary"] = evaluation(
+            state["params"], order_lib.random_orders(rng, evaluation.loader.steps_per_epoch,
+                                                     model.depth))
+      record["select_loss"] = selection_loss(config, record)
       end_step = (epoch + 1) * spe
       writer.write(end_step, {**{f"train/{k}": v for k, v in train_m.items()},
                               **{f"val/{k}": v for k, v in val.items()},
+                              **{f"val_arbitrary/{k}": v
+                                 for k, v in record.get("val_arbitrary", {}).items()},
                               "epoch": epoch + 1, "images_per_s": record["images_per_s"]})
-      log(f"epoch {epoch + 1}: train {_fmt(train_m)} | val {_fmt(val)}")
+      log(f"epoch {epoch + 1}: train {_fmt(train_m)} | val {_fmt(val)}"
+          + (f" | val arbitrary {_fmt(record['val_arbitrary'])}" if "val_arbitrary" in record
+             else ""))
       if not math.isfinite(val["loss"]):
         raise TrainingDiverged(f"validation loss is {val['loss']} after epoch {epoch + 1}; "
                                f"not saving. Last good checkpoint: step {ckpts.latest_step()}.")
-      if val["loss"] < best_loss:
-        best_loss = val["loss"]
+      if record["select_loss"] < best_loss:
+        best_loss = record["select_loss"]
         ckpts.save_best(end_step, state["params"], record)
       if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
         ckpts.save_latest(end_step, state, {"epoch": epoch + 1, "step": end_step, **record})
@@ -586,6 +614,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     ckpts.close()
     writer.close()
   return summary
+
+
+def selection_order(config) -> str:
+  """The layer order of the validation loss that picks the best checkpoint: 'arbitrary' (as the
+  authors' Trainer, whose encoder shuffles in evaluation too) or 'sequential'; 'auto' is
+  arbitrary for the shuffled variants."""
+  if config.best_by == "auto":
+    return "arbitrary" if config.variant in order_lib.SHUFFLED_VARIANTS else "sequential"
+  return config.best_by
+
+
+def selection_loss(config, record: dict) -> float:
+  """The validation loss compared across epochs; in arbitrary order, for 'predict', the
+  position loss is part of it (the authors' evaluation loss is their training loss)."""
+  if selection_order(config) == "sequential":
+    return record["val"]["loss"]
+  val = record["val_arbitrary"]
+  return val["loss"] + (config.predict_loss_weight * val["position_loss"]
+                        if "position_loss" in val else 0.0)
 
 
 def final_summary(setup: TrainSetup, workdir: str, log=print) -> dict:

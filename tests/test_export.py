@@ -94,12 +94,12 @@ def test_vit_to_transformers_computes_lsvit_logits(runs, tmp_path):
   assert_same(scope["logits"].numpy(), lsvit_logits(runs["vit"], x, scope["order"]))
 
 
-@pytest.mark.parametrize("head", ["both", "cls"])
+@pytest.mark.parametrize("head", ["mean", "cls"])
 def test_deit_exports_with_either_head(runs, tmp_path, head):
   import transformers
   out = export.export(runs["deit"], "hf", str(tmp_path / head), deit_head=head,
                       log=lambda *a: None)
-  cls = {"both": "DeiTForImageClassificationWithTeacher", "cls": "DeiTForImageClassification"}
+  cls = {"mean": "DeiTForImageClassificationWithTeacher", "cls": "DeiTForImageClassification"}
   assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [cls[head]]
   hf = getattr(transformers, cls[head]).from_pretrained(out).eval()
   params, _ = ckpt_lib.restore_best(runs["deit"])

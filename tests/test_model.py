@@ -257,14 +257,15 @@ def _train(variant, digits_batch, steps=40, depth=DEPTH, **overrides):
 
 @pytest.mark.parametrize("variant", ["baseline", "layershuffle", "position", "predict", "layerdrop"])
 def test_each_variant_trains(variant, digits_batch):
-  """40 Adam steps on 64 real digits lower the cross-entropy, measured in one fixed order
-  (reversed for the shuffled variants) so that order noise cannot fake or hide progress."""
+  """60 Adam steps on 64 real digits lower the cross-entropy, measured in one fixed order
+  (reversed for the shuffled variants) so that order noise cannot fake or hide progress.
+  (position, with the authors' zero-initialised table, needs more than 40 to be clear of it.)"""
   depth = 3
   x, y = digits_batch
   order = np.arange(depth, dtype=np.int32)
   if variant in ("layershuffle", "position", "predict"):
     order = order[::-1].copy()
-  state, losses, m, model = _train(variant, digits_batch, depth=depth)
+  state, losses, m, model = _train(variant, digits_batch, depth=depth, steps=60)
   init = model_lib.init_params(model, 0)
   ce = lambda p: float(train_lib.cross_entropy(
       model.apply({"params": p}, x, order)["logits"], y).mean())

@@ -365,9 +365,11 @@ def write(results: dict, preset, name: str, out: str, path: str, command: str, t
       f"- Model: {_arch(results)} ({preset.depth} layers as ViT-B/16; `configs/{preset.config}.py` with "
       f"{', '.join(preset.overrides) or 'no overrides'}; trained with impl='{facts.impl}').",
       f"- Stand-in for the public pretrained checkpoint: a sequential model trained from scratch "
-      f"({preset.pretrain_epochs} epochs, lr {preset.pretrain_lr:g}), the `pretrained` column. Every other "
-      f"run refines it for {preset.epochs} epochs at lr {preset.lr:g} (Adam, linear decay, clip 1.0, "
-      f"batch {facts.batch}), {preset.seeds} seeds per approach, {preset.merge_count} "
+      f"({preset.pretrain_epochs} epochs, lr {preset.pretrain_lr:g}), the `pretrained` column. Every "
+      f"other run refines it at lr {preset.lr:g} (Adam, linear decay, clip 1.0, batch "
+      f"{facts.batch}): the sequential baselines for {preset.baseline_epochs or preset.epochs} "
+      f"epochs, the others for {preset.epochs} (the paper refines its baselines 1/5 to 1/20 as "
+      f"long as the LayerShuffle models), {preset.seeds} seeds per approach, {preset.merge_count} "
       f"baseline and LayerShuffle runs for merging, reduced-depth refinements keeping "
       f"{', '.join(map(str, preset.keep))} layers ({preset.keep_seeds} seeds).",
       f"- Arbitrary order: {passes} passes over the validation split, a fresh random order for "
