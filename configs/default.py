@@ -35,7 +35,7 @@ def get_config():
 
   c.data = ml_collections.ConfigDict(dict(
       name="imagenet2012", data_dir="", train_split="train", eval_split="validation",
-      preprocess="vit", augment=False, crop_scale=(0.08, 1.0), flip=True, prepare=False,
+      preprocess="vit_center", augment=False, crop_scale=(0.08, 1.0), flip=True, prepare=False,
       num_threads=16, dir=""))
 
   c.batch_size = 128                # the paper's alternative: 640

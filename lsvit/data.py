@@ -171,6 +171,9 @@ def get_source(data_cfg, split: str):
 
 # ----------------------------------------------------------------------------- preprocessing
 
+KINDS = ("vit", "deit", "plain", "vit_center", "deit_center")
+
+
 class Preprocess:
   """Matches the source model's processor.
 
@@ -178,16 +181,19 @@ class Preprocess:
   'deit': resize to 256/224 * image_size (bicubic), center crop, ImageNet mean/std
           (facebook/deit-*).
   'plain': resize only if needed, mean = std = 0.5 (digits, data at model size).
+  'vit_center' / 'deit_center': the shorter side resized to image_size (bilinear), then the
+          centre crop, with the ViT / ImageNet mean and std (the authors' preprocessing).
   Training augmentation (``augment``): random-resized crop then horizontal flip.
   """
 
   def __init__(self, kind: str, image_size: int, channels: int = 3, augment: bool = False,
                crop_scale=(0.08, 1.0), flip: bool = True):
-    if kind not in ("vit", "deit", "plain"):
-      raise ValueError(f"unknown preprocessing {kind!r}: vit, deit or plain")
+    if kind not in KINDS:
+      raise ValueError(f"unknown preprocessing {kind!r}: one of {', '.join(KINDS)}")
     self.kind, self.size, self.channels = kind, image_size, channels
     self.augment, self.crop_scale, self.flip = augment, tuple(crop_scale), flip
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if kind == "deit" else ((0.5,) * 3, (0.5,) * 3)
+    imagenet = kind in ("deit", "deit_center")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.5,) * 3, (0.5,) * 3)
     self.mean = np.asarray(mean[:channels], np.float32)
     self.std = np.asarray(std[:channels], np.float32)
 
@@ -206,6 +212,14 @@ class Preprocess:
       pil = self._random_resized_crop(pil, rng)
       if self.flip and rng.random() < 0.5:
         pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    elif self.kind in ("vit_center", "deit_center"):
+      w, h = pil.size
+      short, long = min(w, h), max(w, h)
+      long = int(self.size * long / short)  # as transformers' shortest_edge resize
+      pil = pil.resize((self.size, long) if w <= h else (long, self.size),
+                       Image.Resampling.BILINEAR)
+      left, top = (pil.size[0] - self.size) // 2, (pil.size[1] - self.size) // 2
+      pil = pil.crop((left, top, left + self.size, top + self.size))
     elif self.kind == "deit":
       big = int(round(self.size * 256 / 224))
       pil = pil.resize((big, big), Image.Resampling.BICUBIC)

@@ -176,6 +176,13 @@ def preprocessor_config(kind: str, cfg: dict) -> dict:
             "crop_size": {"height": size, "width": size}, **base,
             "image_mean": list(data_lib.IMAGENET_MEAN[:channels]),
             "image_std": list(data_lib.IMAGENET_STD[:channels])}
+  if kind in ("vit_center", "deit_center"):  # shorter side to the size (bilinear), centre crop
+    mean, std = ((data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD) if kind == "deit_center"
+                 else ((0.5,) * 3, (0.5,) * 3))
+    return {"image_processor_type": "DeiTImageProcessor", "do_resize": True,
+            "size": {"shortest_edge": size}, "resample": 2, "do_center_crop": True,
+            "crop_size": {"height": size, "width": size}, **base,
+            "image_mean": list(mean[:channels]), "image_std": list(std[:channels])}
   if kind in ("vit", "plain"):  # resize (bilinear) to the model's size, mean = std = 0.5
     return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
             "size": {"height": size, "width": size}, "resample": 2, **base,

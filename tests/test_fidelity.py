@@ -129,3 +129,21 @@ def test_position_and_predict_initialisation_follow_the_config():
   assert 0.01 < float(w.std()) < 0.03
   with pytest.raises(ValueError, match="unknown pos_table_init 'ones'"):
     model_lib.init_params(model_lib.build(dict(base, variant="position", pos_table_init="ones")))
+
+
+@pytest.mark.parametrize("kind", ["vit_center", "deit_center"])
+def test_authors_preprocessing_equals_transformers_processor(kind):
+  """The authors' preprocessing (shorter side to the size, centre crop, the model's mean/std),
+  as lsvit computes it and as the exported preprocessor_config.json makes transformers compute
+  it, on images of several shapes."""
+  from transformers import DeiTImageProcessor
+  from lsvit import data, export
+  cfg = {"image_size": 32, "channels": 3}
+  spec = {k: v for k, v in export.preprocessor_config(kind, cfg).items()
+          if k != "image_processor_type"}
+  proc = DeiTImageProcessor(**spec)
+  rng = np.random.default_rng(0)
+  for shape in [(40, 64, 3), (64, 41, 3), (32, 32, 3), (300, 500, 3)]:
+    img = (rng.random(shape) * 255).astype(np.uint8)
+    want = np.transpose(proc(img, return_tensors="np")["pixel_values"][0], (1, 2, 0))
+    np.testing.assert_allclose(data.Preprocess(kind, 32)(img), want, atol=1e-6)

@@ -118,13 +118,94 @@ def _pm(mean, std=None, scale=100.0) -> str:
   return f"{scale * mean:.1f} ± {scale * std:.1f}"
 
 
+ALPHA = 0.05  # one-sided level of every verdict
+
+
+@dataclasses.dataclass
+class Stat:
+  """A mean over runs (or one measurement with its standard error), in percent points."""
+  mean: float
+  sd: float
+  n: int
+
+  @classmethod
+  def of(cls, s: dict, scale: float = 100.0) -> "Stat":  # an evaluation STAT {mean, std, n}
+    return cls(scale * s["mean"], scale * s["std"], int(s["n"]))
+
+  @property
+  def se2(self) -> float:
+    return self.sd ** 2 / self.n if self.n > 1 else 0.0
+
+  def __str__(self):
+    return f"{self.mean:.1f} ± {self.sd:.1f}" if self.n > 1 else f"{self.mean:.1f}"
+
+
+def greater(a: Stat, b: Stat, margin: float = 0.0, factor: float = 1.0):
+  """One-sided Welch test of a - factor * b > margin: (t, p). A side with one value and no
+  standard error counts as exact."""
+  from scipy import stats
+  diff = a.mean - factor * b.mean - margin
+  parts = [(a.se2, a.n), (factor ** 2 * b.se2, b.n)]
+  se2 = sum(v for v, _ in parts)
+  if se2 == 0:
+    return (np.inf if diff > 0 else -np.inf), (0.0 if diff > 0 else 1.0)
+  df = se2 ** 2 / sum(v ** 2 / (n - 1) for v, n in parts if n > 1 and v > 0)
+  t = diff / np.sqrt(se2)
+  return float(t), float(stats.t.sf(t, df))
+
+
+def verdict(p_yes: float, p_no: float) -> str:
+  """'yes' when the data support the rule at ALPHA, 'no' when they support its opposite,
+  'within noise' otherwise."""
+  if p_yes < ALPHA:
+    return "yes"
+  if p_no < ALPHA:
+    return "no"
+  return "within noise"
+
+
 @dataclasses.dataclass
 class Claim:
   text: str       # the paper's claim
   rule: str       # how we decide, in words
   ours: str       # the numbers the rule looked at
-  holds: bool
-  why: str = ""   # if it does not hold: a hypothesis (untested unless it says so)
+  verdict: str    # yes | no | within noise
+  test: str       # the statistic behind the verdict
+  why: str = ""   # if it does not hold: a hypothesis from these numbers (untested)
+
+  @property
+  def holds(self) -> bool:
+    return self.verdict == "yes"
+
+
+def rule_greater(a: Stat, b: Stat, margin: float = 0.0, factor: float = 1.0):
+  """(verdict, test) for 'a - factor * b > margin' (Welch, one-sided)."""
+  t, p = greater(a, b, margin, factor)
+  return verdict(p, 1.0 - p), f"t = {t:.2f}, p = {p:.3g}"
+
+
+def rule_all(parts):
+  """Several rules that must all hold: yes if all are yes, no if any is no."""
+  vs = [v for v, _ in parts]
+  v = "yes" if all(x == "yes" for x in vs) else "no" if "no" in vs else "within noise"
+  return v, "; ".join(t for _, t in parts)
+
+
+def rule_within(a: Stat, b: Stat, margin: float):
+  """|a - b| <= margin: two one-sided tests (yes: both inside; no: one side clearly out)."""
+  _, p_hi = greater(b, a, -margin)  # a - b < margin
+  _, p_lo = greater(a, b, -margin)  # a - b > -margin
+  _, out_hi = greater(a, b, margin)
+  _, out_lo = greater(b, a, margin)
+  v = "yes" if max(p_hi, p_lo) < ALPHA else "no" if min(out_hi, out_lo) < ALPHA else \
+      "within noise"
+  return v, f"TOST p = {max(p_hi, p_lo):.3g}"
+
+
+def proportion(p: float, n: int) -> Stat:
+  """An accuracy over n independent items as a Stat (binomial standard error)."""
+  pct = 100 * p
+  return Stat(pct, np.sqrt(max(pct * (100 - pct), 1e-9)), n)  # se^2 = p (1 - p) / n
 
 
 def claims(results: dict, depth: int, facts: Facts, preset) -> List[Claim]:
@@ -132,129 +213,188 @@ def claims(results: dict, depth: int, facts: Facts, preset) -> List[Claim]:
   recipe = (f"{preset.epochs} epochs at lr {preset.lr:g} on {facts.train_images:,} images")
   t1 = results["table1"]
   seq, arb = _settings(t1["sequential"]), _settings(t1["arbitrary"])
-  m = lambda table, v, kind: table[v][kind]["top1"]["mean"] * 100
-  s = lambda table, v, kind: table[v][kind]["top1"]["std"] * 100
-  bs, ba = m(seq, "baseline", "sequential"), m(arb, "baseline", "arbitrary")
-  ls_s, ls_a = m(seq, "layershuffle", "sequential"), m(arb, "layershuffle", "arbitrary")
-  pos_a, pred_a = m(arb, "position", "arbitrary"), m(arb, "predict", "arbitrary")
+  st = lambda table, v, kind: Stat.of(table[v][kind]["top1"])
+  bs, ba = st(seq, "baseline", "sequential"), st(arb, "baseline", "arbitrary")
+  ls_s, ls_a = st(seq, "layershuffle", "sequential"), st(arb, "layershuffle", "arbitrary")
+  pos_a, pred_a = st(arb, "position", "arbitrary"), st(arb, "predict", "arbitrary")
+  shuffled = ("layershuffle", "position", "predict")
+  spread = lambda x, y: "more" if x.sd > y.sd else "less"
   out = [
       Claim("The baseline fails catastrophically in arbitrary order.",
             "baseline arbitrary < 30 % of baseline sequential",
-            f"{ba:.1f} vs {bs:.1f} (chance {100 / num_classes:.0f})", ba < 0.3 * bs),
+            f"{ba} vs {bs} (chance {100 / num_classes:.0f})", *_lt_ratio(ba, bs, 0.3)),
       Claim("LayerShuffle keeps most of its accuracy in arbitrary order "
             f"(paper: LS arbitrary = {_paper_ratio()} x baseline sequential).",
-            "LS arbitrary >= 0.6 x baseline sequential", f"{ls_a:.1f} vs {bs:.1f} = {ls_a / bs:.2f}x",
-            ls_a >= 0.6 * bs),
+            "LS arbitrary >= 0.6 x baseline sequential",
+            f"{ls_a} vs {bs} = {ls_a.mean / bs.mean:.2f}x", *rule_greater(ls_a, bs, 0, 0.6)),
       Claim("In the original order LayerShuffle is somewhat below the baseline.",
-            "LS sequential < baseline sequential", f"{ls_s:.1f} vs {bs:.1f}", ls_s < bs),
+            "LS sequential < baseline sequential", f"{ls_s} vs {bs}", *rule_greater(bs, ls_s)),
       Claim("For every LayerShuffle approach the original order beats an arbitrary one.",
             "sequential > arbitrary for LS, LS-pos, LS-pred",
-            ", ".join(f"{LABEL[v]} {m(seq, v, 'sequential'):.1f} / {m(arb, v, 'arbitrary'):.1f}"
-                      for v in ("layershuffle", "position", "predict")),
-            all(m(seq, v, "sequential") > m(arb, v, "arbitrary") for v in ("layershuffle", "position", "predict")),
-            "The two orders are within a seed's spread of each other here. The paper explains its gap by "
-            "the refinement starting from a sequential model; ours moves much further from its start "
-            f"({recipe} vs the paper's small lr on ImageNet), so less of the "
-            "sequential model's preference is left."),
+            ", ".join(f"{LABEL[v]} {st(seq, v, 'sequential')} / {st(arb, v, 'arbitrary')}"
+                      for v in shuffled),
+            *rule_all([rule_greater(st(seq, v, "sequential"), st(arb, v, "arbitrary"))
+                       for v in shuffled]),
+            "The paper explains its gap by the refinement starting from a sequential model; ours "
+            f"moves much further from its start ({recipe} vs the paper's small lr on ImageNet), "
+            "so less of the sequential model's preference is left."),
       Claim("Giving layers their position (LS-pos) changes little.",
-            "|LS-pos arbitrary - LS arbitrary| <= 3 points",
-            f"{pos_a:.1f} ± {s(arb, 'position', 'arbitrary'):.1f} vs {ls_a:.1f} ± "
-            f"{s(arb, 'layershuffle', 'arbitrary'):.1f}", abs(pos_a - ls_a) <= 3,
-            "LS-pos is worse and varies more across seeds here: its position embedding and projection "
-            f"start from scratch inside an already trained block, which {recipe} may "
-            "not settle."),
+            "|LS-pos arbitrary - LS arbitrary| <= 3 points", f"{pos_a} vs {ls_a}",
+            *rule_within(pos_a, ls_a, 3.0),
+            f"LS-pos {'is below' if pos_a.mean < ls_a.mean else 'is above'} LS here and varies "
+            f"{spread(pos_a, ls_a)} across seeds ({pos_a.sd:.1f} vs {ls_a.sd:.1f}): its position "
+            f"embedding and projection start from their initialisation inside an already trained "
+            f"block, which {recipe} may not settle."),
+      Claim("With their positions, ViT layers do better in arbitrary order (paper, ImageNet "
+            f"ViT-B/16: LS-pos {_paper_in1k_vit('arbitrary', 'position')[0]:.2f} vs LS "
+            f"{_paper_in1k_vit('arbitrary', 'layershuffle')[0]:.2f}).",
+            "LS-pos arbitrary > LS arbitrary", f"{pos_a} vs {ls_a}", *rule_greater(pos_a, ls_a)),
       Claim("LS-pred is outperformed by LS and LS-pos in arbitrary order.",
             "LS-pred arbitrary < LS and < LS-pos arbitrary",
-            f"{pred_a:.1f} vs {ls_a:.1f} / {pos_a:.1f}", pred_a < ls_a and pred_a < pos_a),
+            f"{pred_a} vs {ls_a} / {pos_a}",
+            *rule_all([rule_greater(ls_a, pred_a), rule_greater(pos_a, pred_a)])),
   ]
   if "position" in results:
-    acc = results["position"]["position"]["position_accuracy"]["mean"] * 100
+    po = results["position"]["position"]
+    acc = Stat.of(po["position_accuracy"])
+    worst = int(np.argmin(po["per_position"]))
     out.append(Claim(f"Each layer's position is predictable from its output ({PAPER_POSITION} %).",
-                     "position accuracy >= 95 %", f"{acc:.2f} % (chance {100 / depth:.1f} %)", acc >= 95,
-                     "The first and last positions are read almost perfectly and the middle ones are "
-                     f"confused (per-position table below): with width {facts.width} and a short "
-                     "refinement the middle layers' inputs differ less by position than in a "
-                     "768-wide ViT-B/16."))
+                     "position accuracy >= 95 %", f"{acc} % (chance {100 / depth:.1f} %)",
+                     *rule_greater(acc, Stat(95.0, 0, 1)),
+                     f"Per position (table below) the accuracy ranges from "
+                     f"{100 * min(po['per_position']):.0f} % (position {worst}) to "
+                     f"{100 * max(po['per_position']):.0f} %: with width {facts.width} and a "
+                     f"short refinement the inputs of some positions differ less than in a "
+                     f"768-wide ViT-B/16."))
   if "merge_layershuffle" in results:
     ml = results["merge_layershuffle"]["merge"]
     mb = results["merge_baseline"]["merge"]
-    a, o = ml["merged"]["top1"]["mean"] * 100, ml["originals"]["top1"]["mean"] * 100
+    a, o = Stat.of(ml["merged"]["top1"]), Stat.of(ml["originals"]["top1"])
     paper_merged = PAPER_TABLE2["layershuffle merged"][0]
     paper_ls = _paper_in1k_vit("arbitrary", "layershuffle")[0]
     out.append(Claim(f"Merged LayerShuffle models are close to their sources (paper: "
                      f"{paper_merged:.1f} vs {paper_ls:.1f}).",
-                     "LS merged >= source mean - 5 points", f"{a:.1f} vs {o:.1f}", a >= o - 5,
-                     "Merging works (far above chance, baselines aside) but loses more than in the paper. "
-                     "Our LayerShuffle refinements change the model far more than the paper's, so "
-                     "independently refined layers have drifted further apart; a smaller learning rate "
-                     "or fewer epochs would keep them closer (not tested here)."))
-    b, bo = mb["merged"]["top1"]["mean"] * 100, mb["originals"]["top1"]["mean"] * 100
+                     "LS merged >= source mean - 5 points", f"{a} vs {o}",
+                     *rule_greater(a, o, -5.0),
+                     f"Merged models lose {o.mean - a.mean:.1f} points here against "
+                     f"{paper_ls - paper_merged:.1f} in the paper: refinements that change the "
+                     f"model more ({recipe}) leave independently refined layers further apart; a "
+                     f"smaller learning rate or fewer epochs would keep them closer (not tested)."))
+    b, bo = Stat.of(mb["merged"]["top1"]), Stat.of(mb["originals"]["top1"])
     out.append(Claim(f"Merged baselines are unusable even in their sequential order (paper: "
                      f"{PAPER_TABLE2['baseline merged'][0]:.2f} %).",
-                     "baseline merged < 30 % of its sources", f"{b:.1f} vs {bo:.1f}", b < 0.3 * bo,
-                     "Refining a sequential model sequentially barely moves its layers on this small "
-                     f"data, so layers of the {mb['runs']} baselines are still interchangeable when kept in their "
-                     "original order; the paper's ImageNet refinements evidently diverged more."))
+                     "baseline merged < 30 % of its sources", f"{b} vs {bo}",
+                     *_lt_ratio(b, bo, 0.3),
+                     f"Merged baselines keep {100 * b.mean / bo.mean:.0f} % of their sources' "
+                     f"accuracy: refined sequentially for {preset.baseline_epochs or preset.epochs}"
+                     f" epochs, the {mb['runs']} baselines' layers stay interchangeable in their "
+                     f"original order; the paper's ImageNet refinements evidently diverged more."))
+    out.append(Claim("Merged models vary more than the models they come from (paper: std "
+                     f"{PAPER_TABLE2['layershuffle merged'][1]:.2f} vs "
+                     f"{_paper_in1k_vit('arbitrary', 'layershuffle')[1]:.2f}).",
+                     "std of LS merged > std of the LS sources (F-test)",
+                     f"std {a.sd:.2f} over {a.n} merged vs {o.sd:.2f} over {o.n} sources",
+                     *_more_spread(a, o)))
   if "ensemble_layershuffle" in results:
     e = results["ensemble_layershuffle"]["ensemble"]
+    single = Stat.of(e["single"]["top1"])
+    ens = Stat(100 * e["ensemble"]["top1"], 0, 1)
     out.append(Claim(f"An ensemble of the LayerShuffle models beats a single one ("
                      f"{PAPER_TABLE2['layershuffle ensemble'][0]:.1f} vs "
                      f"{_paper_in1k_vit('arbitrary', 'layershuffle')[0]:.1f}).",
-                     "ensemble top-1 > mean single top-1",
-                     f"{100 * e['ensemble']['top1']:.1f} vs {100 * e['single']['top1']['mean']:.1f}",
-                     e["ensemble"]["top1"] > e["single"]["top1"]["mean"]))
+                     "ensemble top-1 > mean single top-1", f"{ens} vs {single}",
+                     *rule_greater(ens, single)))
   if "prune" in results:
     p = _settings(results["prune"]["prune"])
     ks = [k for k in results["prune"]["prune"]["ks"] if k != depth] + [depth]
-    curve = lambda v, kind: [p[v][f"k{k}_{kind}"]["top1"]["mean"] * 100 for k in ks]
-    ls_arb = curve("layershuffle", "arbitrary")
+    at = lambda v, k, kind: Stat.of(p[v][f"k{k}_{kind}"]["top1"])
+    ls_arb = [at("layershuffle", k, "arbitrary") for k in ks]
     out.append(Claim("Pruning degrades LayerShuffle gracefully: arbitrary-order accuracy rises with "
-                     "the number of layers kept.", "LS arbitrary top-1 non-decreasing in k",
-                     ", ".join(f"k={k}: {a:.1f}" for k, a in zip(ks, ls_arb)),
-                     all(b >= a - 0.5 for a, b in zip(ls_arb, ls_arb[1:]))))
-    ld_arb = curve("layerdrop", "arbitrary")
+                     "the number of layers kept.", "LS arbitrary top-1 rising with k",
+                     ", ".join(f"k={k}: {a}" for k, a in zip(ks, ls_arb)),
+                     *rule_all([rule_greater(b, a) for a, b in zip(ls_arb, ls_arb[1:])])))
+    ld_arb = [at("layerdrop", k, "arbitrary") for k in ks]
     out.append(Claim("In arbitrary order only LayerShuffle succeeds; LayerDrop fails at every depth.",
                      "LayerDrop arbitrary < LS arbitrary at every k",
-                     ", ".join(f"k={k}: {d:.1f} vs {a:.1f}" for k, d, a in zip(ks, ld_arb, ls_arb)),
-                     all(d < a for d, a in zip(ld_arb, ls_arb))))
+                     ", ".join(f"k={k}: {d} vs {a}" for k, d, a in zip(ks, ld_arb, ls_arb)),
+                     *rule_all([rule_greater(a, d) for d, a in zip(ld_arb, ls_arb)])))
     k0 = ks[0]
-    ls3, ld3 = p["layershuffle"][f"k{k0}_sequential"]["top1"]["mean"] * 100, \
-        p["layerdrop"][f"k{k0}_sequential"]["top1"]["mean"] * 100
+    ls3, ld3 = at("layershuffle", k0, "sequential"), at("layerdrop", k0, "sequential")
     out.append(Claim(f"With few layers ({k0}) kept in the original order LayerShuffle beats LayerDrop "
                      f"(paper, 3 layers: ~{PAPER_FIG1_3LAYERS['layershuffle']} % vs "
                      f"~{PAPER_FIG1_3LAYERS['layerdrop']} %).", f"LS > LayerDrop at k={k0}, sequential",
-                     f"{ls3:.1f} vs {ld3:.1f}", ls3 > ld3))
+                     f"{ls3} vs {ld3}", *rule_greater(ls3, ld3)))
+    k_hi = max([k for k in ks if k < depth] or [depth])
+    ls9, ld9 = at("layershuffle", k_hi, "sequential"), at("layerdrop", k_hi, "sequential")
+    out.append(Claim(f"With most layers ({k_hi}) kept in the original order LayerDrop is slightly "
+                     "ahead of LayerShuffle (paper, 9 layers).",
+                     f"LayerDrop > LS at k={k_hi}, sequential", f"{ld9} vs {ls9}",
+                     *rule_greater(ld9, ls9)))
     kept = [k for k in ks if f"baseline keep {k}" in p]
     if kept:
-      rows, ok = [], True
+      parts, rows = [], []
       for k in kept[:2]:
-        r = p[f"baseline keep {k}"][f"k{k}_sequential"]["top1"]["mean"] * 100
-        best = max(p[v][f"k{k}_sequential"]["top1"]["mean"] * 100 for v in ("layershuffle", "layerdrop"))
-        rows.append(f"k={k}: {r:.1f} vs {best:.1f}")
-        ok &= r > best
+        r = at(f"baseline keep {k}", k, "sequential")
+        best = max((at(v, k, "sequential") for v in ("layershuffle", "layerdrop")),
+                   key=lambda x: x.mean)
+        rows.append(f"k={k}: {r} vs {best}")
+        parts.append(rule_greater(r, best))
       out.append(Claim("Models refined at reduced depth beat pruned LS/LayerDrop models at few layers.",
                        "refined-at-k > best of LS, LayerDrop at k (sequential), for the smallest k",
-                       ", ".join(rows), ok))
+                       ", ".join(rows), *rule_all(parts)))
   if "analysis" in results:
     a = results["analysis"]["analysis"]
     by = {_variant(r["setting"]): r for r in a["runs"]}
     if "layershuffle" in by and "baseline" in by:
+      points = a["images"] * depth  # (image, layer) pairs behind each rho
       rho = {v: by[v]["contribution_distance_spearman"] for v in ("baseline", "layershuffle")}
       out.append(Claim("A LayerShuffle layer contributes less the further it runs from its original "
                        "position; a baseline layer's contribution does not depend on it (Fig. 4c/d).",
                        "Spearman rho(|position - original|, contribution) of LS < baseline's - 0.2",
                        f"LS {rho['layershuffle']:+.2f}, baseline {rho['baseline']:+.2f}",
-                       rho["layershuffle"] < rho["baseline"] - 0.2,
-                       "Contributions hardly depend on the distance from the original position in "
+                       *_rho_lower(rho, points),
+                       f"The two rhos are {rho['layershuffle']:+.2f} and {rho['baseline']:+.2f}: "
+                       "contributions hardly depend on the distance from the original position in "
                        "either model here (see the ridge plots); the paper read this effect off a "
-                       "ViT-B/16 whose layers are far more specialised than these 64-wide ones."))
-      knn = {v: by[v]["position_knn_accuracy"] for v in ("baseline", "layershuffle")}
+                       "ViT-B/16 whose layers are far more specialised than these "
+                       f"{facts.width}-wide ones."))
+      knn = {v: proportion(by[v]["position_knn_accuracy"], a["images"])
+             for v in ("baseline", "layershuffle")}
       out.append(Claim("A LayerShuffle layer's output occupies different regions depending on its "
                        "position; the baseline's shows no clear ordering (Fig. 4a/b).",
-                       "position decodable from the 2-D UMAP (10-NN, 5-fold) better for LS than baseline",
-                       f"LS {100 * knn['layershuffle']:.1f} %, baseline {100 * knn['baseline']:.1f} % "
-                       f"(chance {100 / depth:.1f} %)", knn["layershuffle"] > knn["baseline"]))
+                       "position decodable from the 2-D UMAP (10-NN, 5-fold) better for LS than "
+                       "baseline (two-proportion test over the images)",
+                       f"LS {knn['layershuffle'].mean:.1f} %, baseline {knn['baseline'].mean:.1f} % "
+                       f"(chance {100 / depth:.1f} %)",
+                       *rule_greater(knn["layershuffle"], knn["baseline"])))
   return out
+
+
+def _lt_ratio(a: Stat, b: Stat, ratio: float):
+  """(verdict, test) for a < ratio * b."""
+  t, p = greater(a, b, 0.0, ratio)  # p: evidence for the opposite, a > ratio * b
+  return verdict(1.0 - p, p), f"t = {-t:.2f}, p = {1.0 - p:.3g}"
+
+
+def _more_spread(a: Stat, b: Stat):
+  """(verdict, test) for sd(a) > sd(b), a one-sided F-test of the variances."""
+  from scipy import stats
+  if a.n < 2 or b.n < 2 or b.sd == 0:
+    return "within noise", "too few values for an F-test"
+  f = (a.sd / b.sd) ** 2
+  p = float(stats.f.sf(f, a.n - 1, b.n - 1))
+  return verdict(p, 1 - p), f"F = {f:.2f}, p = {p:.3g}"
+
+
+def _rho_lower(rho: dict, n: int):
+  """(verdict, test) for rho_LS < rho_baseline - 0.2, on Fisher's scale (z-test)."""
+  from scipy import stats
+  se = 1.06 * np.sqrt(2.0 / max(n - 3, 1))
+  target = np.arctanh(np.clip(rho["baseline"] - 0.2, -0.999999, 0.999999))
+  zl = np.arctanh(np.clip(rho["layershuffle"], -0.999999, 0.999999))
+  zs = (target - zl) / se
+  p = float(stats.norm.sf(zs))
+  return verdict(p, 1 - p), f"z = {zs:.2f}, p = {p:.3g} (Fisher, n = images x layers)"
 
 
 def _arch(results) -> str:
@@ -382,18 +522,25 @@ def write(results: dict, preset, name: str, out: str, path: str, command: str, t
       "",
       "## Which of the paper's claims reproduce at this scale",
       "",
-      "Each row is decided by the rule shown, computed from the numbers below.",
+      "Each row is decided by the rule shown, computed from the numbers below (mean ± std over "
+      "seeds), with a one-sided test at the 5 % level: **yes** when the data support the rule, "
+      "**no** when they support its opposite, *within noise* when they support neither. Welch's "
+      "t over seeds (a single number counts as exact); equivalence by two one-sided tests; "
+      "spreads by an F-test; accuracies of one run by the binomial error over its images.",
       "",
-      "| paper's claim | rule | ours | reproduces |",
-      "|---|---|---|---|",
+      "| paper's claim | rule | ours | test | reproduces |",
+      "|---|---|---|---|---|",
   ]
+  shown = {"yes": "yes", "no": "**no**", "within noise": "*within noise*"}
   for c in cl:
-    lines.append(f"| {c.text} | {c.rule} | {c.ours} | {'yes' if c.holds else '**no**'} |")
-  n_yes = sum(c.holds for c in cl)
-  lines += ["", f"{n_yes} of {len(cl)} claims hold at this scale."]
-  failed = [c for c in cl if not c.holds and c.why]
+    lines.append(f"| {c.text} | {c.rule} | {c.ours} | {c.test} | {shown[c.verdict]} |")
+  count = {v: sum(c.verdict == v for c in cl) for v in shown}
+  lines += ["", f"Of {len(cl)} claims, {count['yes']} hold at this scale, {count['no']} do not, "
+                f"and {count['within noise']} cannot be told from noise with these runs."]
+  failed = [c for c in cl if c.verdict != "yes" and c.why]
   if failed:
-    lines += ["", "Where a claim does not hold, a likely reason (a hypothesis, not a measurement):", ""]
+    lines += ["", "Where a claim does not hold, a likely reason (a hypothesis from these numbers, "
+                  "not a measurement):", ""]
     lines += [f"- *{c.text}* {c.why}" for c in failed]
   lines += ["",
             "## Table 1: sequential vs arbitrary layer order (top-1 %, mean ± std over seeds)", "",
