@@ -384,12 +384,14 @@ def export(source: str, to: str, out: str, deit_head: Optional[str] = None, part
   from safetensors.numpy import save_file
   if to not in ("hf", "timm"):
     raise ExportError(f"--to {to!r}: choose hf or timm")
-  if deit_head not in DEIT_HEADS:
+  if deit_head is not None and deit_head not in DEIT_HEADS:
     raise ExportError(f"--deit_head {deit_head!r}: choose one of {', '.join(DEIT_HEADS)}")
   if os.path.exists(out):
     raise ExportError(f"{out} already exists; choose a new --out (nothing is overwritten)")
   params, cfg, facts = read_source(source)
-  trained = cfg.get("deit_head", "mean")  # model.json of runs before the field: both heads
+  model = model_lib.build(cfg)  # every field, defaults included (a converted checkpoint's too)
+  cfg = {f: getattr(model, f) for f in model_lib.MODEL_FIELDS}
+  trained = cfg["deit_head"]
   if deit_head is not None and not cfg["distilled"]:
     raise ExportError("--deit_head applies to distilled (DeiT) models; this model has one head")
   if deit_head == "mean" and trained == "cls":

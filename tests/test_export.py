@@ -189,3 +189,22 @@ def test_push_without_network_is_one_clear_error(runs, tmp_path, monkeypatch, ca
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "could not push to the hub repository someone/lsvit-digits" in err[0]
   assert f"the export is in {out}" in err[0] and os.path.exists(os.path.join(out, "README.md"))
+
+
+def test_converted_class_token_deit_exports_as_it_was_trained(tmp_path):
+  """A converted checkpoint of transformers' DeiTForImageClassification (one head) exports as
+  that class by default, back to the same logits; asking for the two-head mean is refused."""
+  from transformers import DeiTConfig, DeiTForImageClassification
+  dims = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96,
+              image_size=32, patch_size=8, num_labels=5)
+  hf = reference.randomize(DeiTForImageClassification(DeiTConfig(**dims)), seed=7)
+  hf.save_pretrained(tmp_path / "src")
+  assert convert.main(["--source", f"hf:{tmp_path / 'src'}", "--out", str(tmp_path / "ck")]) == 0
+  with pytest.raises(export.ExportError, match="no distillation head to average"):
+    export.export(str(tmp_path / "ck"), "hf", str(tmp_path / "mean"), deit_head="mean")
+  out = export.export(str(tmp_path / "ck"), "hf", str(tmp_path / "out"), log=lambda *a: None)
+  back = DeiTForImageClassification.from_pretrained(out).eval()
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  assert_same(reference.reference_logits(back, x, [2, 0, 1]),
+              reference.reference_logits(hf, x, [2, 0, 1]))
+  assert "No evaluation is stored" in open(os.path.join(out, "README.md")).read()
