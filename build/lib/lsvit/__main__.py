@@ -1,4 +1,0 @@
-"""``python -m lsvit train|evaluate|convert ...``."""
-from lsvit import cli
-
-cli.main()
