@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from lsvit import checkpoint as ckpt_lib
+from lsvit import convert
 from lsvit import data as data_lib
 from lsvit import model as model_lib
 from lsvit import order as order_lib
@@ -84,13 +85,10 @@ def _linear_out(kernel: np.ndarray, width: Optional[int] = None) -> np.ndarray:
 
 
 def _layers(params: dict):
-  stack = params["Transformer"]["encoderblock"]
-  depth = np.asarray(stack["LayerNorm_0"]["scale"]).shape[0]
-  return [_pick(stack, l) for l in range(depth)]
-
-
-def _pick(tree, l):
-  return {k: _pick(v, l) if hasattr(v, "items") else np.asarray(v)[l] for k, v in tree.items()}
+  """Each encoder layer's parameters, in the stack's order (``model.unstack``'s layout)."""
+  enc = model_lib.unstack(params)["Transformer"]
+  depth = np.asarray(params["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"]).shape[0]
+  return [enc[f"encoderblock_{l}"] for l in range(depth)]
 
 
 def _layer_norms(sd: Flat, prefix: str, blk: dict, before: str, after: str):
@@ -257,18 +255,9 @@ def extras(params: dict) -> Flat:
       if node is None:
         break
     if node is not None:
-      for sub, v in (_flat(node).items() if hasattr(node, "items") else [("", node)]):
+      for sub, v in (convert._flatten(node).items() if hasattr(node, "items")
+                     else [("", node)]):
         out[key + ("/" + sub if sub else "")] = np.ascontiguousarray(v, np.float32)
-  return out
-
-
-def _flat(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if hasattr(v, "items"):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[prefix + k] = v
   return out
 
 

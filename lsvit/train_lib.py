@@ -38,9 +38,10 @@ ADDED_FIELDS = {"model.name": "", "model.width": 0, "model.depth": 0, "model.mlp
                 "pretrain_lr": 1e-3, "refine_from_pretrain": True, "best_by": "sequential",
                 "model.pos_table_init": "normal", "model.predict_head_init": "zeros",
                 "model.deit_head": "mean"}
-# The same for model.json (the model's fields): the ViT defaults, what those runs computed.
-ADDED_MODEL_FIELDS = {"pos_table_init": "normal", "predict_head_init": "zeros",
-                      "deit_head": "mean"}
+# The same for model.json, whose fields are the model's (the ViT defaults, what those runs
+# computed).
+ADDED_MODEL_FIELDS = {k[len("model."):]: v for k, v in ADDED_FIELDS.items()
+                      if k.startswith("model.") and k[len("model."):] in model_lib.MODEL_FIELDS}
 
 
 class TrainingDiverged(RuntimeError):
@@ -187,16 +188,26 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def position_loss(pos_logits, reduction: str):
-  """CE of each executed layer's position prediction; pos_logits [n, B, L]."""
-  n = pos_logits.shape[0]
-  target = jnp.broadcast_to(jnp.arange(n)[:, None], pos_logits.shape[:2])
-  per_layer = cross_entropy(pos_logits, target).mean(axis=1)
+def position_ce(pos_logits):
+  """[n, B]: CE of each executed layer's prediction of the position it ran at; pos_logits
+  [n, B, L]."""
+  target = jnp.broadcast_to(jnp.arange(pos_logits.shape[0])[:, None], pos_logits.shape[:2])
+  return cross_entropy(pos_logits, target)
+
+
+def over_layers(values, reduction: str):
+  """``values`` [n, ...] reduced over the executed layers as predict_loss_reduction says."""
   if reduction == "sum":  # the paper's formula
-    return per_layer.sum(), per_layer
+    return values.sum(axis=0)
   if reduction == "mean":  # the authors' code
-    return per_layer.mean(), per_layer
+    return values.mean(axis=0)
   raise ValueError(f"unknown predict_loss_reduction {reduction!r}: mean or sum")
+
+
+def position_loss(pos_logits, reduction: str):
+  """(the position loss, its per-layer values [n]) of a batch."""
+  per_layer = position_ce(pos_logits).mean(axis=1)
+  return over_layers(per_layer, reduction), per_layer
 
 
 def make_train_step(model, tx, config):
@@ -252,9 +263,7 @@ def make_eval_step(model, position_reduction: str = "mean"):
       hit = pos.argmax(-1) == jnp.arange(order.shape[0])[:, None]
       sums["position_hits"] = (hit & batch["mask"][None]).sum(axis=1)  # per position [n]
       # each example's position loss, reduced over layers as in training (position_loss)
-      target = jnp.broadcast_to(jnp.arange(pos.shape[0])[:, None], pos.shape[:2])
-      ce = cross_entropy(pos, target)  # [n, B]
-      per_example = ce.sum(0) if position_reduction == "sum" else ce.mean(0)
+      per_example = over_layers(position_ce(pos), position_reduction)
       sums["position_ce"] = (per_example * batch["mask"]).sum()
     return sums
 
