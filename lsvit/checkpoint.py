@@ -172,6 +172,15 @@ def _quiet_orbax_failure():
     sys.stderr = original
 
 
+def exit_process(code: int):
+  """Ends a command with ``code``. After a failed restore Orbax's reader threads would print
+  tracebacks as Python shuts down, so an error exits at once (the one-line error is out)."""
+  if code:
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
 def _first_line(e: Exception) -> str:
   text = str(e).split(" See full TensorStore details")[0]
   return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]

@@ -188,10 +188,8 @@ def evaluate(argv: Optional[List[str]] = None) -> int:
 
 def evaluate_main(argv: Optional[List[str]] = None):
   code = evaluate(argv)
-  if code:  # after a failed restore Orbax's reader threads print tracebacks as Python exits
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)
-  sys.exit(code)
+  from lsvit import checkpoint
+  checkpoint.exit_process(code)
 
 
 def convert_main(argv: Optional[List[str]] = None):
@@ -201,11 +199,8 @@ def convert_main(argv: Optional[List[str]] = None):
 
 def export_main(argv: Optional[List[str]] = None):
   from lsvit import export
-  code = export.main(argv)
-  if code:  # after a failed restore Orbax's reader threads print tracebacks as Python exits
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)
-  sys.exit(code)
+  from lsvit import checkpoint
+  checkpoint.exit_process(export.main(argv))
 
 
 COMMANDS = {"train": train_main, "evaluate": evaluate_main, "convert": convert_main,

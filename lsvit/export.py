@@ -469,8 +469,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  code = main()
-  if code:  # after a failed restore Orbax's reader threads print tracebacks as Python exits
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)
-  sys.exit(code)
+  ckpt_lib.exit_process(main())
