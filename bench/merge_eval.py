@@ -36,7 +36,7 @@ def main():
           for i in range(model.depth)]
   ev = E.Context(runs, progress=False)
   order = np.arange(model.depth)[None]
-  stacked = ev.placement.replicate(E.stack_runs(runs))
+  stacked = ev.placement.replicate(E.stack_params([r.params for r in runs]))
   sources = E.merge_sources(np.random.default_rng(0), len(runs), model.depth, args.models, False)
   single = ev.device_params(runs[0])
   ev.evaluate(runs[0], order)  # compile the eval step once, outside the timings

@@ -152,9 +152,9 @@ class Context:
 
 # ---------------------------------------------------------- where a merged model is assembled
 
-def stack_runs(runs: Sequence[TrainedRun]):
-  """The runs' parameter trees stacked on a new leading run axis [M, ...]."""
-  return jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *[r.params for r in runs])
+def stack_params(trees: Sequence[Any]):
+  """Parameter trees (one per run) stacked on a new leading run axis [M, ...]."""
+  return jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *trees)
 
 
 @jax.jit
@@ -370,7 +370,7 @@ class Merge(Evaluator):
       if not 0 <= int(self.base) < len(runs):
         raise EvalError(f"--merge_base {self.base} is not a run index in [0, {len(runs)})")
       bases = np.full(self.merges, int(self.base))
-    stacked = ctx.placement.replicate(stack_runs(runs))
+    stacked = ctx.placement.replicate(stack_params([r.params for r in runs]))
     order, order_name = _order_policy(ctx, runs[0], self.orders)
     originals = [ctx.evaluate(r, order, None) for r in runs]
     results = []
@@ -417,7 +417,7 @@ class Ensemble(Evaluator):
     _check_same(runs, "an ensemble")
     evaluation = ctx.evaluation_for(runs[0].model_cfg)
     model = evaluation.model
-    stacked = ctx.placement.replicate(stack_runs(runs))
+    stacked = ctx.placement.replicate(stack_params([r.params for r in runs]))
 
     def ensemble_step(stacked, batch, orders):
       logits = jax.lax.map(

@@ -183,8 +183,8 @@ class Encoder(nn.Module):
 
     def run_block(params, x, position, table=table, key=key):
       rngs = {} if key is None else {"dropout": jax.random.fold_in(key, position)}
-      emb = None if table is None else jnp.asarray(table)[position]
-      return block.apply({"params": params}, x, position, emb, not train, rngs=rngs)
+      emb = None if table is None else jnp.asarray(table)[position]  # host (numpy) params too
+      return run_layer(block, params, x, position, emb, train, rngs)
 
     def finish(layer, x, act):  # one position: the layer (or LayerDrop's skip) and its outputs
       skip = lambda x: (x, _no_pos_logits(block, x))  # a skipped layer costs nothing
@@ -243,6 +243,12 @@ class Encoder(nn.Module):
     if self.remat:
       step = jax.checkpoint(step)
     return jax.lax.scan(step, x, (jnp.arange(n, dtype=jnp.int32), order, act))
+
+
+def run_layer(block: Block, params, x, position, emb=None, train=False, rngs=None):
+  """One layer (``params``: its slice of the stack) at ``position``; ``emb`` is row ``position``
+  of LayerShuffle-position's shared table. Returns (x, position logits or None)."""
+  return block.apply({"params": params}, x, position, emb, not train, rngs=rngs or {})
 
 
 def _stack(outs):
@@ -313,8 +319,48 @@ class ViT(nn.Module):
                        f"image_size/channels")
 
   @nn.compact
-  def __call__(self, images, order=None, *, train=False, active=None, capture=False):
+  def embed(self, images, train=False):
+    """Images -> the first layer's input [B, tokens, width]: patch embedding, class (and
+    distillation) tokens, position embedding. With ``classify`` and the blocks, the whole model
+    in pieces (``lsvit.swarm`` runs them in different processes)."""
     self.check_images(images)
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding="VALID", dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+    b = x.shape[0]
+    x = x.reshape(b, -1, self.width)
+    tokens = [self.param("cls", nn.initializers.zeros, (1, 1, self.width))]
+    if self.distilled:
+      tokens.append(self.param("dist", nn.initializers.normal(0.02), (1, 1, self.width)))
+    tokens = [jnp.broadcast_to(t, (b, 1, self.width)).astype(self.dtype) for t in tokens]
+    x = jnp.concatenate(tokens + [x], axis=1)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02),
+                     (1, x.shape[1], self.width))
+    return nn.Dropout(self.dropout)(x + pos.astype(self.dtype), not train)
+
+  @nn.compact
+  def classify(self, x):
+    """The last layer's output [B, tokens, width] -> logits [B, classes] (final norm, heads)."""
+    if self.deit_head not in DEIT_HEADS:
+      raise ValueError(f"unknown deit_head {self.deit_head!r}; choose one of {list(DEIT_HEADS)}")
+    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="encoder_norm")(x)
+    head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.xavier_uniform()
+    head = functools.partial(nn.Dense, self.num_classes, kernel_init=head_init, dtype=self.dtype)
+    logits = head(name="head")(x[:, 0]).astype(jnp.float32)
+    if self.distilled and self.deit_head == "mean":  # as HF ...WithTeacher: both heads' mean
+      logits = (logits + head(name="head_dist")(x[:, 1]).astype(jnp.float32)) / 2
+    return logits
+
+  def block(self) -> Block:
+    """The encoder layer as an unbound module: ``block().apply({"params": stack[l]}, x,
+    position, shared_pos_emb)`` runs layer l at ``position`` (what ``Encoder`` does)."""
+    return Block(mlp_dim=self.mlp_dim, num_heads=self.num_heads, depth=self.depth,
+                 variant=self.variant, pos_dim=self.pos_dim, pos_table=self.pos_table,
+                 pos_table_init=self.pos_table_init, predict_head_init=self.predict_head_init,
+                 dropout=self.dropout, attn_dropout=self.attn_dropout, ln_eps=self.ln_eps,
+                 attention=self.attention, dtype=self.dtype, parent=None)
+
+  @nn.compact
+  def __call__(self, images, order=None, *, train=False, active=None, capture=False):
     if self.variant not in order_lib.VARIANTS:
       raise ValueError(f"unknown variant {self.variant!r}; choose one of {order_lib.VARIANTS}")
     if self.impl not in self.impls:
@@ -338,40 +384,15 @@ class ViT(nn.Module):
       raise ValueError(
           "impl='sequential' runs the original order only; use impl='gather' for others")
 
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", dtype=self.dtype, name="embedding")(images.astype(self.dtype))
-    b = x.shape[0]
-    x = x.reshape(b, -1, self.width)
-    tokens = [self.param("cls", nn.initializers.zeros, (1, 1, self.width))]
-    if self.distilled:
-      tokens.append(self.param("dist", nn.initializers.normal(0.02), (1, 1, self.width)))
-    tokens = [jnp.broadcast_to(t, (b, 1, self.width)).astype(self.dtype) for t in tokens]
-    x = jnp.concatenate(tokens + [x], axis=1)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02),
-                     (1, x.shape[1], self.width))
-    x = nn.Dropout(self.dropout)(x + pos.astype(self.dtype), not train)
-    embedded = x
-
+    x = embedded = self.embed(images, train)
     for name, value, allowed in (("pos_table_init", self.pos_table_init, INITS),
-                                 ("predict_head_init", self.predict_head_init, INITS),
-                                 ("deit_head", self.deit_head, DEIT_HEADS)):
+                                 ("predict_head_init", self.predict_head_init, INITS)):
       if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(allowed)}")
-    block = Block(mlp_dim=self.mlp_dim, num_heads=self.num_heads, depth=self.depth,
-                  variant=self.variant, pos_dim=self.pos_dim, pos_table=self.pos_table,
-                  pos_table_init=self.pos_table_init, predict_head_init=self.predict_head_init,
-                  dropout=self.dropout, attn_dropout=self.attn_dropout, ln_eps=self.ln_eps,
-                  attention=self.attention, dtype=self.dtype, parent=None)
+    block = self.block()
     x, aux = self.encoder(self.depth, block, self.impl, self.remat, name="Transformer")(
         x, order, active, train, capture)
-    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="encoder_norm")(x)
-
-    head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.xavier_uniform()
-    head = functools.partial(nn.Dense, self.num_classes, kernel_init=head_init, dtype=self.dtype)
-    logits = head(name="head")(x[:, 0]).astype(jnp.float32)
-    if self.distilled and self.deit_head == "mean":  # as HF ...WithTeacher: both heads' mean
-      logits = (logits + head(name="head_dist")(x[:, 1]).astype(jnp.float32)) / 2
-    out = {"logits": logits}
+    out = {"logits": self.classify(x)}
     if self.variant == "predict":
       out["pos_logits"] = aux["pos_logits"]
     if capture:
