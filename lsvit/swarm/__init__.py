@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -64,8 +65,10 @@ def start_ray(address: Optional[str] = None, namespace: str = "lsvit", cpus: Opt
     ray.init(address=address, namespace=namespace, log_to_driver=False,
              logging_level=logging.ERROR)
     return ray, True
-  ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-           namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
+  with warnings.catch_warnings():  # JAX warns of any fork; Ray's forks exec at once
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+    ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+             namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
   ip = ray.util.get_node_ip_address()
   if ip != "127.0.0.1":
     ray.shutdown()
@@ -136,8 +139,9 @@ def assign(layers: Sequence[tuple], nodes: int, replicas: int) -> List[List[tupl
 class Swarm:
   """A LayerShuffle model served by ``nodes`` layer-nodes (Ray actors).
 
-  workdirs: training workdirs or converted checkpoints; several runs make a merged swarm
-  (a request may take each layer from any run; embedding and head from run ``base``).
+  workdirs: training workdirs or converted checkpoints (or a loaded ``parts.SwarmModel``);
+  several runs make a merged swarm (a request may take each layer from any run; embedding and
+  head from run ``base``).
   replicas: copies of every layer (on different nodes). k: layers per request (default all
   alive). hop_timeout: seconds per hop, or None (adaptive, ``router.Router``).
   heartbeat: seconds between liveness checks and discovery of nodes that joined by name.
@@ -149,19 +153,21 @@ class Swarm:
                heartbeat: float = 1.0, address: Optional[str] = None, name: str = "lsvit",
                base: int = 0, seed: int = 0, node_cpus: float = 0.0, retries: int = 2,
                ban_base: float = 1.0, ban_max: float = 30.0, ready_timeout: float = 300.0):
-    self.ray, self._started_ray = start_ray(address, f"lsvit-swarm-{name}")  # before JAX forks
+    # a bad workdir is an error before Ray starts
+    self.model = workdirs if isinstance(workdirs, parts.SwarmModel) else parts.load(workdirs, base)
+    plan = assign(self.model.layers(), nodes, replicas)
+    self.ray, self._started_ray = start_ray(address, f"lsvit-swarm-{name}")
     try:
-      self._setup(workdirs, nodes, replicas, k, hop_timeout, heartbeat, name, base, seed,
-                  node_cpus, retries, ban_base, ban_max, ready_timeout)
+      self._setup(plan, k, hop_timeout, heartbeat, name, base, seed, node_cpus, retries,
+                  ban_base, ban_max, ready_timeout)
     except BaseException:
       self.close()
       raise
 
-  def _setup(self, workdirs, nodes, replicas, k, hop_timeout, heartbeat, name, base, seed,
-             node_cpus, retries, ban_base, ban_max, ready_timeout):
+  def _setup(self, plan, k, hop_timeout, heartbeat, name, base, seed, node_cpus, retries,
+             ban_base, ban_max, ready_timeout):
     import jax
     from lsvit import model as model_lib
-    self.model = parts.load(workdirs, base)
     self.k, self.heartbeat_s, self.seed = k, heartbeat, seed
     self.node_cpus, self.ready_timeout = node_cpus, ready_timeout
     self.namespace = f"lsvit-swarm-{name}"
@@ -187,7 +193,7 @@ class Swarm:
     self._owned = set()  # nodes this swarm started (the ones close() ends)
     self._stop = threading.Event()
     self._thread = None
-    self._start_nodes(assign(self.model.layers(), nodes, replicas))
+    self._start_nodes(plan)
     self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                     name="lsvit-swarm-heartbeat")
     self._thread.start()

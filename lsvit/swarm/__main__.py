@@ -38,8 +38,14 @@ def _positive(text: str) -> int:
   return v
 
 
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, not the whole usage
+    print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+    sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="python -m lsvit.swarm", description=USAGE,
+  ap = _Parser(prog="python -m lsvit.swarm", description=USAGE,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="command", required=True)
   s = sub.add_parser("serve", help="start a swarm, send it the eval split, show its nodes live")
@@ -83,7 +89,7 @@ def _table(swarm, served: int, errors: int, t0: float) -> str:
 
 def serve(args) -> int:
   import threading
-  from lsvit.swarm import NoLayersAlive, Swarm, bench
+  from lsvit.swarm import NoLayersAlive, Swarm, bench, parts
   kills = []
   if args.kill:
     try:
@@ -91,8 +97,9 @@ def serve(args) -> int:
       kills = [(float(at), int(n))]
     except ValueError:
       raise SystemExit(_fail(f"--kill {args.kill!r}: give N@SECONDS, e.g. 1@5"))
+  model = parts.load(args.workdir)
   images, labels = bench.eval_split(args.workdir[0])
-  with Swarm(args.workdir, args.nodes, replicas=args.replicas, address=args.address,
+  with Swarm(model, args.nodes, replicas=args.replicas, address=args.address,
              seed=args.seed) as s:
     print(f"swarm of {args.nodes} nodes up; serving the eval split of {args.workdir[0]} for "
           f"{args.duration:.0f} s", flush=True)
@@ -175,6 +182,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   from lsvit.evaluators import EvalError
   from lsvit.swarm import SwarmError
   try:
+    if args.address:  # before reading any data: an unreachable cluster is said at once
+      from lsvit.swarm import _check_reachable
+      _check_reachable(args.address)
     if args.command == "serve":
       return serve(args)
     if args.command == "join":

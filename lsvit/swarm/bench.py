@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from lsvit.swarm import parts
 from lsvit.swarm.router import NoLayersAlive, SwarmError
 
 DEFAULT_CHAOS = "kill=0.34,stop=1:3,add=2"
@@ -125,6 +126,8 @@ def eval_split(workdir: str, limit: Optional[int] = None):
   from ml_collections import ConfigDict
   from lsvit import data as data_lib
   path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise SwarmError(f"workdir {workdir} does not exist: pass a training workdir (train.py)")
   if not os.path.exists(path):
     raise SwarmError(f"{workdir} has no config.json: the bench needs a training workdir "
                      f"(made by train.py) for its eval split")
@@ -396,11 +399,12 @@ def run(workdirs: Sequence[str], nodes: int, requests: int, chaos: str, out: str
   from lsvit.swarm import Swarm
   checkpoint.refuse_existing(out)
   events = parse_chaos(chaos, nodes)
+  model = parts.load(workdirs)
   images, labels = eval_split(workdirs[0])
   result = {"workdirs": list(workdirs), "nodes": nodes, "replicas": replicas,
             "requests": requests, "concurrency": concurrency, "chaos_spec": chaos, "seed": seed}
   t0 = time.perf_counter()
-  with Swarm(workdirs, nodes, replicas=replicas, seed=seed, address=address) as s:
+  with Swarm(model, nodes, replicas=replicas, seed=seed, address=address) as s:
     log(f"swarm up in {time.perf_counter() - t0:.1f} s: {nodes} nodes, "
         f"{len(s.model.layers())} layers x {replicas}")
     if speed_requests:
@@ -419,7 +423,6 @@ def run(workdirs: Sequence[str], nodes: int, requests: int, chaos: str, out: str
     result["chaos"] = chaos_ctl.fired
     result["nodes_after"] = s.nodes()
     result["router_events"] = s.router.events
-    model = s.model
   result["answers"] = check_answers(records, requests)
   log(f"answers: {json.dumps(result['answers'])}")
   result["offline_replay"] = offline_replay(model, images, records)
