@@ -19,28 +19,37 @@ def imports(path):
       names |= {a.name for a in node.names}
     elif isinstance(node, ast.ImportFrom) and node.module:
       names.add(node.module)
-      if node.module in ("lsvit", "tools", "bench"):  # from lsvit import x
+      if node.module in ("lsvit", "tools", "bench", "lsvit.swarm"):  # from lsvit import x
         names |= {f"{node.module}.{a.name}" for a in node.names}
   return names
 
 
 def library():
-  return sorted(f[:-3] for f in os.listdir(LIB) if f.endswith(".py"))
+  """module name after 'lsvit.' -> path, subpackages too ('swarm' is lsvit/swarm/__init__.py)."""
+  out = {}
+  for dirpath, _, files in os.walk(LIB):
+    for f in files:
+      if f.endswith(".py"):
+        path = os.path.join(dirpath, f)
+        name = os.path.relpath(path, LIB)[:-3].replace(os.sep, ".")
+        out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+  return dict(sorted(out.items()))
 
 
 def test_the_library_imports_no_tool():
-  for name in library():
-    bad = sorted(m for m in imports(os.path.join(LIB, f"{name}.py"))
+  for name, path in library().items():
+    bad = sorted(m for m in imports(path)
                  if m.split(".")[0] in TOOLS + ("transformers", "timm"))
-    assert not bad, f"lsvit/{name}.py imports {bad}"
+    assert not bad, f"{path} imports {bad}"
 
 
 def test_importing_the_library_loads_no_torch():
   """torch is read only for PyTorch pickles (.bin/.pth) and bfloat16 safetensors, inside
   the function that reads them."""
-  code = ("import sys\n" + "".join(f"import lsvit.{n}\n" for n in library() if n != "__main__")
+  code = ("import sys\n" + "".join(f"import lsvit.{n}\n" for n in library()
+                                    if not n.endswith("__main__"))
           + "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'transformers', 'bench', 'tools', 'configs')))")
+            "('torch', 'transformers', 'bench', 'tools', 'configs', 'ray')))")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
@@ -49,7 +58,7 @@ def test_importing_the_library_loads_no_torch():
 
 def first_party():
   """module name -> path, for the library and the tools beside it."""
-  out = {f"lsvit.{n}": os.path.join(LIB, f"{n}.py") for n in library()}
+  out = {f"lsvit.{n}": path for n, path in library().items()}
   for pkg in ("tools", "bench"):
     for f in os.listdir(os.path.join(ROOT, pkg)):
       if f.endswith(".py") and f != "__init__.py":
@@ -60,8 +69,9 @@ def first_party():
 def test_no_import_cycles():
   modules = first_party()
 
-  def targets(path):
-    return {n for m in imports(path) for n in modules if m == n or m.startswith(n + ".")}
+  def targets(path):  # the module an import names: the longest first-party name it starts with
+    hits = [[n for n in modules if m == n or m.startswith(n + ".")] for m in imports(path)]
+    return {max(h, key=len) for h in hits if h}
 
   graph = {n: targets(p) - {n} for n, p in modules.items()}
   state = {}
@@ -80,8 +90,8 @@ def test_no_import_cycles():
 
 
 def test_no_line_over_100_columns_in_the_library():
-  long = [f"lsvit/{f}:{i}" for f in os.listdir(LIB) if f.endswith(".py")
-          for i, line in enumerate(open(os.path.join(LIB, f)), 1) if len(line.rstrip("\n")) > 100]
+  long = [f"{path}:{i}" for path in library().values()
+          for i, line in enumerate(open(path), 1) if len(line.rstrip("\n")) > 100]
   assert not long, long
 
 

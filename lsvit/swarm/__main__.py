@@ -3,6 +3,7 @@ and a non-zero exit."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -62,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
   b.add_argument("--out", required=True, help="new directory for swarm.json and swarm.png")
   b.add_argument("--concurrency", type=_positive, default=4)
   b.add_argument("--k", type=_positive, nargs="+", help="layers per request, cycled")
+  b.add_argument("--batch", type=_positive, default=1, help="images per request")
   b.add_argument("--speed_requests", type=int, default=300,
                  help="requests per speed measurement (0: none)")
   j = sub.add_parser("join", help="start a node on this host for a swarm running elsewhere")
@@ -192,14 +194,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     from lsvit.swarm import bench
     bench.run(args.workdir, args.nodes, args.requests, args.chaos, args.out,
               replicas=args.replicas, concurrency=args.concurrency, seed=args.seed, k=args.k,
-              speed_requests=args.speed_requests, address=args.address)
+              speed_requests=args.speed_requests, address=args.address, batch=args.batch,
+              log=functools.partial(print, flush=True))
     return 0
   except (SwarmError, EvalError, checkpoint.CheckpointError, data.DataError, ValueError,
           FileExistsError, FileNotFoundError) as e:
     return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
+def console():
+  """``lsvit-swarm`` / ``python -m lsvit.swarm``."""
+  code = main()
+  from lsvit import checkpoint
+  checkpoint.exit_process(code)
+
+
 if __name__ == "__main__":
-  checkpoint_exit = main()
-  from lsvit import checkpoint as _ckpt
-  _ckpt.exit_process(checkpoint_exit)
+  console()

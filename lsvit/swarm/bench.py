@@ -284,7 +284,7 @@ def speed(swarm, images, requests: int, log=print) -> dict:
   labels = np.zeros(len(images), np.int64)
   out = {}
   serve_requests(swarm, images, labels, 20, 1)  # warm: every node compiles
-  one = serve_requests(swarm, images, labels, requests, 1)
+  one = _answered(serve_requests(swarm, images, labels, requests, 1), out, "fault_free")
   hops = [h for r in one for h in r["hops"] if h[1] == "ok"]
   out["hop_overhead_s"] = percentiles([h[2] - h[3] for h in hops])
   out["hop_compute_s"] = percentiles([h[3] for h in hops])
@@ -309,8 +309,8 @@ def speed(swarm, images, requests: int, log=print) -> dict:
   # throughput
   for c in (1, 8):
     t = time.perf_counter()
-    serve_requests(swarm, images, labels, requests, c)
-    out[f"throughput_{c}"] = requests / (time.perf_counter() - t)
+    recs = _answered(serve_requests(swarm, images, labels, requests, c), out, f"concurrent_{c}")
+    out[f"throughput_{c}"] = len(recs) / (time.perf_counter() - t)
   out["throughput_ratio_8_vs_1"] = out["throughput_8"] / out["throughput_1"]
   log(f"speed: throughput {out['throughput_1']:.1f} req/s alone, {out['throughput_8']:.1f} with "
       f"8 in flight ({out['throughput_ratio_8_vs_1']:.2f}x)")
@@ -330,7 +330,7 @@ def speed(swarm, images, requests: int, log=print) -> dict:
   saved = swarm.router.hop_timeout
   for name, timeout in (("no_deadline", 1e9), ("deadline", saved)):
     swarm.router.hop_timeout = timeout
-    recs = serve_requests(swarm, images, labels, requests, 1)
+    recs = _answered(serve_requests(swarm, images, labels, requests, 1), out, f"slow_{name}")
     out[f"slow_node_{name}_request_s"] = percentiles([r["seconds"] for r in recs])
     out[f"slow_node_{name}_skipped"] = sum(len(r.get("skipped", [])) for r in recs)
   swarm.router.hop_timeout = saved
@@ -342,6 +342,12 @@ def speed(swarm, images, requests: int, log=print) -> dict:
   log(f"speed: one node 10x slow, p99 / fault-free p99: {out['slow_node_deadline_p99_ratio']:.2f} "
       f"with deadlines, {out['slow_node_no_deadline_p99_ratio']:.2f} without")
   return out
+
+
+def _answered(records, out: dict, phase: str) -> List[dict]:
+  """The answered requests of a speed phase; how many could not be served is kept in ``out``."""
+  out[f"{phase}_unserved"] = sum(not r["ok"] for r in records)
+  return [r for r in records if r["ok"]]
 
 
 # ----------------------------------------------------------------------------- plot
@@ -394,7 +400,7 @@ def plot(result: dict, records: List[dict], path: str) -> str:
 def run(workdirs: Sequence[str], nodes: int, requests: int, chaos: str, out: str, *,
         replicas: int = 1, concurrency: int = 4, seed: int = 0, k: Optional[Sequence[int]] = None,
         speed_requests: int = 0, offline_seeds: int = 3, address: Optional[str] = None,
-        log=print) -> dict:
+        batch: int = 1, log=print) -> dict:
   from lsvit import checkpoint
   from lsvit.swarm import Swarm
   checkpoint.refuse_existing(out)
@@ -402,7 +408,8 @@ def run(workdirs: Sequence[str], nodes: int, requests: int, chaos: str, out: str
   model = parts.load(workdirs)
   images, labels = eval_split(workdirs[0])
   result = {"workdirs": list(workdirs), "nodes": nodes, "replicas": replicas,
-            "requests": requests, "concurrency": concurrency, "chaos_spec": chaos, "seed": seed}
+            "requests": requests, "batch": batch, "concurrency": concurrency, "chaos_spec": chaos,
+            "k": list(k) if k else None, "seed": seed}
   t0 = time.perf_counter()
   with Swarm(model, nodes, replicas=replicas, seed=seed, address=address) as s:
     log(f"swarm up in {time.perf_counter() - t0:.1f} s: {nodes} nodes, "
@@ -417,7 +424,7 @@ def run(workdirs: Sequence[str], nodes: int, requests: int, chaos: str, out: str
       progress(n)
 
     try:
-      records = serve_requests(s, images, labels, requests, concurrency, on_done, k)
+      records = serve_requests(s, images, labels, requests, concurrency, on_done, k, batch)
     finally:
       chaos_ctl.finish()
     result["chaos"] = chaos_ctl.fired

@@ -11,7 +11,6 @@ Every request gets exactly one answer: a result, or ``NoLayersAlive``.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 import time
@@ -67,6 +66,7 @@ class Node:
   served: int = 0              # hops answered in time
   failed: int = 0              # hops that timed out or failed
   shapes: set = dataclasses.field(default_factory=set)  # input shapes it has compiled for
+  typical: float = 0.0         # moving average of its hop round trips (s), 0 before any
 
   def usable(self, now: float) -> bool:
     return self.state == ALIVE or (self.state == BANNED and now >= self.banned_until)
@@ -100,8 +100,10 @@ class Result:
 class Router:
   """Routes activations through the swarm's nodes (thread-safe: requests may run concurrently).
 
-  hop_timeout: seconds, or None for adaptive: ``timeout_factor`` x the 90th percentile of
-  recent hop round trips, at least ``min_timeout``; a node's first hop at a new input shape
+  hop_timeout: seconds, or None for adaptive: ``timeout_factor`` x the median over nodes of
+  each node's typical hop round trip (a moving average; a late hop counts as its deadline),
+  at least ``min_timeout``: a load that slows every node raises the deadline, one slow node
+  does not; a node's first hop at a new input shape
   (it compiles) gets ``first_timeout``.
   """
 
@@ -116,7 +118,7 @@ class Router:
     self.clock = clock
     self._nodes: Dict[str, Node] = {}
     self._lock = threading.Lock()
-    self._recent = collections.deque(maxlen=512)  # successful hop round trips (s)
+    self.average = 0.1  # weight of the newest round trip in a node's moving average
     self.events: List[dict] = []                  # state changes, for logs and plots
 
   # --------------------------------------------------------------------------- membership
@@ -165,7 +167,7 @@ class Router:
           self._mark_dead(n)
         elif answer == "ok" and (n.state == JOINING or
                                  (n.state == BANNED and now >= n.banned_until)):
-          n.state, n.failures = ALIVE, 0
+          n.state = ALIVE  # failures are forgotten only by a hop answered in time
           self._event(n, ALIVE)
         elif answer == "timeout" and n.state == ALIVE:
           self._ban(n, now)
@@ -183,13 +185,14 @@ class Router:
 
   # --------------------------------------------------------------------------- routing
 
-  def live_slots(self) -> Dict[int, List[Tuple[str, Layer]]]:
-    """layer index -> [(node, (run, layer))] that could serve it now."""
+  def live_slots(self, banned: bool = False) -> Dict[int, List[Tuple[str, Layer]]]:
+    """layer index -> [(node, (run, layer))] that could serve it now (``banned``: also the
+    nodes serving a ban, which are late but not known dead)."""
     now = self.clock()
     slots: Dict[int, List[Tuple[str, Layer]]] = {}
     with self._lock:
       for n in self._nodes.values():
-        if n.usable(now):
+        if n.usable(now) or (banned and n.state == BANNED):
           for layer in n.layers:
             slots.setdefault(layer[1], []).append((n.id, layer))
     return slots
@@ -199,21 +202,21 @@ class Router:
       return self.first_timeout
     if self.hop_timeout is not None:
       return self.hop_timeout
-    with self._lock:
-      recent = list(self._recent)
-    if len(recent) < 20:
-      return self.first_timeout
-    return max(self.min_timeout, self.timeout_factor * float(np.percentile(recent, 90)))
+    typical = self.median_hop()
+    return self.first_timeout if typical == 0 else max(self.min_timeout,
+                                                       self.timeout_factor * typical)
 
   def median_hop(self) -> float:
-    """Median round trip of recent successful hops (0 before any)."""
+    """The median over usable nodes of their typical hop round trip (0 before any)."""
+    now = self.clock()
     with self._lock:
-      recent = list(self._recent)
-    return float(np.median(recent)) if recent else 0.0
+      typical = [n.typical for n in self._nodes.values() if n.typical > 0 and n.usable(now)]
+    return float(np.median(typical)) if typical else 0.0
 
   def draw(self, rng: np.random.Generator, k: Optional[int] = None) -> List[int]:
-    """A fresh random order over the layer slots that have a usable node (``k`` of them)."""
-    slots = sorted(self.live_slots())
+    """A fresh random order over the layer slots that have a usable node (``k`` of them); when
+    every node is banned, over theirs (as Petals: late nodes are better than none)."""
+    slots = sorted(self.live_slots()) or sorted(self.live_slots(banned=True))
     if not slots:
       raise NoLayersAlive("no layer of the model is alive: every node is dead, banned or still "
                           "joining; add nodes (Swarm.add_nodes) or wait for banned ones to return")
@@ -231,14 +234,15 @@ class Router:
     else:
       plan = [(l, None) for l in (order if order is not None else self.draw(rng, k))]
     done, skipped, hops = [], [], []
+    fallback = not self.live_slots()  # every node banned: this request tries the banned ones
     for slot, wanted in plan:
       position = len(done)
       emb = emb_for(position) if emb_for else None
       tried = None
-      for node_id, layer in self._candidates(slot, wanted, rng):
+      for node_id, layer in self._candidates(slot, wanted, rng, fallback):
         node = self.node(node_id)
-        if not node.usable(self.clock()):
-          continue  # banned or dead since the list was made
+        if node.state in (DEAD, LEFT) or not (fallback or node.usable(self.clock())):
+          continue  # banned (by a concurrent request) or dead since the list was made
         tried = layer
         timeout = self.timeout_for(node, x.shape)
         start = time.perf_counter()
@@ -266,10 +270,15 @@ class Router:
     with self._lock:
       return min(l for n in self._nodes.values() for l in n.layers if l[1] == slot)
 
-  def _candidates(self, slot: int, wanted: Optional[Layer], rng) -> List[Tuple[str, Layer]]:
+  def _average(self, n: Node, seconds: float):
+    n.typical = seconds if n.typical == 0 else (
+        (1 - self.average) * n.typical + self.average * seconds)
+
+  def _candidates(self, slot: int, wanted: Optional[Layer], rng, fallback: bool):
     """Nodes to try for ``slot``, in order, at most 1 + retries: a random one first, then the
-    other replicas of the same (run, layer), then other runs' copies of the layer."""
-    cands = self.live_slots().get(slot, [])
+    other replicas of the same (run, layer), then other runs' copies of the layer (``fallback``:
+    banned nodes too)."""
+    cands = self.live_slots(banned=fallback).get(slot, [])
     if wanted is not None:
       cands = [c for c in cands if c[1] == tuple(wanted)]
     if not cands:
@@ -284,7 +293,7 @@ class Router:
       n = self._nodes[node_id]
       if outcome == "ok":
         if shape in n.shapes:  # a first call compiles: not a sample of the hop time
-          self._recent.append(seconds)
+          self._average(n, seconds)
         n.shapes.add(shape)
         n.served += 1
         n.failures = 0
@@ -296,5 +305,7 @@ class Router:
         self._mark_dead(n)
       else:
         n.failed += 1
+        if outcome == "timeout":  # at least this slow: a late node's average grows
+          self._average(n, seconds)
         if n.state != DEAD:
           self._ban(n, self.clock())
