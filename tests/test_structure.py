@@ -18,9 +18,10 @@ def imports(path):
     if isinstance(node, ast.Import):
       names |= {a.name for a in node.names}
     elif isinstance(node, ast.ImportFrom) and node.module:
-      names.add(node.module)
-      if node.module in ("lsvit", "tools", "bench", "lsvit.swarm"):  # from lsvit import x
-        names |= {f"{node.module}.{a.name}" for a in node.names}
+      if node.module in ("lsvit", "tools", "bench", "lsvit.swarm"):  # from lsvit import x:
+        names |= {f"{node.module}.{a.name}" for a in node.names}  # module x, or x in lsvit
+      else:
+        names.add(node.module)
   return names
 
 

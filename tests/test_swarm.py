@@ -112,7 +112,7 @@ def test_bad_input(swarm):
           "digests": {}, "pid": 1, "host": "h"}
   with pytest.raises(SwarmError, match=r"width=48.*variant='layershuffle'.*width=32.*"
                                        r"variant='position'"):
-    swarm._admit("stranger", info)
+    swarm._admit("stranger", info, None)
 
 
 def test_node_joining_by_name_is_used_and_a_mismatched_one_refused(swarm, runs):

@@ -88,9 +88,11 @@ class RayTransport(Transport):
         and not isinstance(e, self.ray.exceptions.ActorUnavailableError)
 
   def call(self, node, layer, x, position, emb, timeout):
-    ref = self.handles[node].run.remote(layer[0], layer[1], x, position, emb)
+    x = np.ascontiguousarray(x, np.float32)
+    ref = self.handles[node].run.remote(layer[0], layer[1], x.tobytes(), x.shape, position, emb)
     try:
-      return self.ray.get(ref, timeout=timeout)
+      y, compute = self.ray.get(ref, timeout=timeout)
+      return np.frombuffer(y, np.float32).reshape(x.shape), compute
     except self.ray.exceptions.GetTimeoutError:
       try:
         self.ray.cancel(ref)  # a stalled node should not work through a queue of stale hops
@@ -182,6 +184,7 @@ class Swarm:
     self._head = jax.jit(lambda x: vit.apply({"params": base_params}, x,
                                              method=model_lib.ViT.classify))
     self._check_images = vit.check_images
+    self._warm_shape = (1, vit.num_tokens, vit.width)
     table = self.model.pos_table()
     self._emb_for = None if table is None else (lambda position: table[position])
     self.transport = RayTransport(self.ray)
@@ -215,9 +218,17 @@ class Swarm:
       pending.append((node_id, handle, handle.info.remote()))
     ids = []
     for node_id, handle, ref in pending:
-      self._admit(node_id, self._wait_info(node_id, ref))
+      self._admit(node_id, self._wait_info(node_id, ref), handle)
       ids.append(node_id)
     return ids
+
+  def _warm(self, node_id, handle, info):
+    """Compiles a node's program for one image before it serves (its layers share it), so a
+    request does not wait for a compilation."""
+    run, layer = info["layers"][0]
+    x = np.zeros(self._warm_shape, np.float32)
+    self._wait_info(node_id, handle.run.remote(run, layer, x.tobytes(), x.shape, 0,
+                                               self._emb_for(0) if self._emb_for else None))
 
   def _wait_info(self, node_id, ref) -> dict:
     ready, _ = self.ray.wait([ref], timeout=self.ready_timeout)
@@ -228,20 +239,24 @@ class Swarm:
     except Exception as e:  # noqa: BLE001 - the node's own error, in one line
       raise SwarmError(f"node {node_id} failed to start: {str(e).strip().splitlines()[-1]}")
 
-  def _admit(self, node_id: str, info: dict, state: str = ALIVE):
-    """Checks a node's model and weights against the swarm's, then routes to it."""
+  def _admit(self, node_id: str, info: dict, handle, state: str = ALIVE):
+    """Checks a node's model and weights against the swarm's, compiles its program, then routes
+    to it."""
     parts.check_spec(self.model.spec, info["spec"], f"node {node_id}")
     for layer, d in info["digests"].items():
       layer = tuple(layer)
       if layer not in self._digests:
         raise SwarmError(f"node {node_id} holds layer {layer}, which this swarm does not have "
-                         f"(runs 0..{len(self.model.sources) - 1}, layers 0..{self.model.depth - 1})")
+                         f"(runs 0..{len(self.model.sources) - 1}, "
+                         f"layers 0..{self.model.depth - 1})")
       if d != self._digests[layer]:
         raise SwarmError(f"node {node_id} holds layer {layer[1]} of run {layer[0]} with other "
                          f"weights than {self.model.sources[layer[0]]} (checkpoint mismatch): "
                          f"load it from the same checkpoint")
+    if handle is not None:
+      self._warm(node_id, handle, info)
     self.router.add(Node(node_id, tuple(tuple(l) for l in info["layers"]), info["pid"],
-                         info["host"], state))
+                         info["host"], state, shapes={self._warm_shape}))
 
   def add_nodes(self, count: int = 1, layers: Optional[Sequence[Sequence[tuple]]] = None,
                 delay: float = 0.0) -> List[str]:
@@ -289,7 +304,7 @@ class Swarm:
       handle = self.ray.get_actor(name, namespace=self.namespace)
       self.transport.handles[name] = handle
       try:
-        self._admit(name, self._wait_info(name, handle.info.remote()), JOINING)
+        self._admit(name, self._wait_info(name, handle.info.remote()), handle, JOINING)
       except SwarmError as e:
         logging.getLogger("lsvit.swarm").warning("refused: %s", e)
         self.transport.handles.pop(name, None)

@@ -71,28 +71,33 @@ class Chaos:
     self.t0 = time.perf_counter()
     self._lock = threading.Lock()
     self._timers: List[threading.Timer] = []
+    self._threads: List[threading.Thread] = []
 
-  def _pick(self) -> Optional[dict]:
+  def _pick_locked(self) -> Optional[dict]:
     alive = [n for n in self.swarm.nodes() if n["state"] in ("alive", "banned")
              and n["id"] not in self.victims]
     return alive[int(self.rng.integers(len(alive)))] if alive else None
 
   def progress(self, done: int):
+    """Called as requests complete; due events fire on their own threads (adding a node takes
+    seconds, and requests must not wait for it)."""
     with self._lock:
       while self.pending and self.pending[0]["at"] <= done:
-        e = self.pending.pop(0)
-        self._fire(e, done)
+        thread = threading.Thread(target=self._fire, args=(self.pending.pop(0), done))
+        thread.start()
+        self._threads.append(thread)
 
   def _fire(self, e: dict, done: int):
     rec = dict(e, t=time.perf_counter() - self.t0, done=done)
     if e["event"] == "add":
       rec["nodes"] = self.swarm.add_nodes(1)
     else:
-      node = self._pick()
-      if node is None:
-        return
+      with self._lock:
+        node = self._pick_locked()
+        if node is None:
+          return
+        self.victims.add(node["id"])
       rec["node"], rec["pid"] = node["id"], node["pid"]
-      self.victims.add(node["id"])
       if e["event"] == "kill":
         os.kill(node["pid"], signal.SIGKILL)
       elif e["event"] == "stop":
@@ -113,6 +118,8 @@ class Chaos:
                        "t": time.perf_counter() - self.t0})
 
   def finish(self):
+    for t in self._threads:
+      t.join()
     for t in self._timers:
       t.cancel()
       if not t.finished.is_set():

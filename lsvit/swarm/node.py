@@ -45,14 +45,16 @@ class LayerNode:
     """Chaos: wait ``seconds`` before answering each hop (a slow or far-away device)."""
     self.delay = float(seconds)
 
-  def run(self, run: int, layer: int, x, position: int, emb=None):
-    """(the layer's output, its compute seconds); ``x`` [B, tokens, width] as numpy."""
+  def run(self, run: int, layer: int, x: bytes, shape, position: int, emb=None):
+    """(the layer's output, its compute seconds). Activations travel as float32 bytes of
+    ``shape`` [B, tokens, width]: Ray moves bytes faster than numpy arrays (BENCHMARKS.md)."""
     key = (int(run), int(layer))
     if key not in self.layers:
       raise KeyError(f"node {self.id} holds no layer {key} (it holds {sorted(self.layers)})")
     start = time.perf_counter()
-    y = np.asarray(self._fn(self.layers[key], x, np.int32(position), emb))
+    x = np.frombuffer(x, np.float32).reshape(shape)
+    y = np.asarray(self._fn(self.layers[key], x, np.int32(position), emb), np.float32)
     compute = time.perf_counter() - start
     if self.delay > 0:
       time.sleep(self.delay)
-    return y, compute
+    return y.tobytes(), compute
