@@ -203,6 +203,8 @@ def test_adaptive_deadline_follows_the_typical_node_not_one_slow_node():
     r._nodes["n4"].typical = 100 * max(typical)
   now = [n.typical for n in r.nodes()]
   assert r.timeout_for(r.node("n0"), (1,)) == pytest.approx(3 * np.median(now))
+  # 2 hops queued ahead at that node (other requests): 3 hops' time
+  assert r.timeout_for(r.node("n0"), (1,), queued=2) == pytest.approx(9 * np.median(now))
   assert r.timeout_for(r.node("n0"), (1,)) <= 3 * max(typical)
   with r._lock:  # every node slower (load): the deadline grows with them
     for n in r._nodes.values():

@@ -66,7 +66,8 @@ class Node:
   served: int = 0              # hops answered in time
   failed: int = 0              # hops that timed out or failed
   shapes: set = dataclasses.field(default_factory=set)  # input shapes it has compiled for
-  typical: float = 0.0         # moving average of its hop round trips (s), 0 before any
+  typical: float = 0.0         # moving average of its time per hop (s), 0 before any
+  inflight: int = 0            # hops sent to it and not answered yet
 
   def usable(self, now: float) -> bool:
     return self.state == ALIVE or (self.state == BANNED and now >= self.banned_until)
@@ -101,9 +102,10 @@ class Router:
   """Routes activations through the swarm's nodes (thread-safe: requests may run concurrently).
 
   hop_timeout: seconds, or None for adaptive: ``timeout_factor`` x the median over nodes of
-  each node's typical hop round trip (a moving average; a late hop counts as its deadline),
-  at least ``min_timeout``: a load that slows every node raises the deadline, one slow node
-  does not; a node's first hop at a new input shape
+  each node's typical time per hop (a moving average of round trips divided by 1 + the hops
+  queued before it there; a late hop counts as its deadline) x (1 + the hops queued ahead of
+  this one), at least ``min_timeout``: a node busy with other requests gets longer, a load that
+  slows every node raises the deadline, one slow node does not; a node's first hop at a new input shape
   (it compiles) gets ``first_timeout``.
   """
 
@@ -197,14 +199,15 @@ class Router:
             slots.setdefault(layer[1], []).append((n.id, layer))
     return slots
 
-  def timeout_for(self, node: Node, shape) -> float:
+  def timeout_for(self, node: Node, shape, queued: int = 0) -> float:
     if shape not in node.shapes:
       return self.first_timeout
     if self.hop_timeout is not None:
       return self.hop_timeout
     typical = self.median_hop()
-    return self.first_timeout if typical == 0 else max(self.min_timeout,
-                                                       self.timeout_factor * typical)
+    if typical == 0:
+      return self.first_timeout
+    return max(self.min_timeout, self.timeout_factor * typical * (1 + queued))
 
   def median_hop(self) -> float:
     """The median over usable nodes of their typical hop round trip (0 before any)."""
@@ -244,7 +247,10 @@ class Router:
         if node.state in (DEAD, LEFT) or not (fallback or node.usable(self.clock())):
           continue  # banned (by a concurrent request) or dead since the list was made
         tried = layer
-        timeout = self.timeout_for(node, x.shape)
+        with self._lock:
+          queued = node.inflight
+          node.inflight += 1
+        timeout = self.timeout_for(node, x.shape, queued)
         start = time.perf_counter()
         outcome, compute = "ok", 0.0
         try:
@@ -257,7 +263,7 @@ class Router:
           outcome = "error"
         seconds = time.perf_counter() - start
         hops.append(Hop(position, layer, node_id, outcome, seconds, compute))
-        self._record(node_id, outcome, seconds, x.shape)
+        self._record(node_id, outcome, seconds / (1 + queued), x.shape)
         if outcome == "ok":
           x = y
           done.append(layer)
@@ -289,8 +295,10 @@ class Router:
     return [first] + rest[:self.retries]
 
   def _record(self, node_id: str, outcome: str, seconds: float, shape):
+    """``seconds``: the hop's round trip per hop queued at the node when it was sent."""
     with self._lock:
       n = self._nodes[node_id]
+      n.inflight -= 1
       if outcome == "ok":
         if shape in n.shapes:  # a first call compiles: not a sample of the hop time
           self._average(n, seconds)
