@@ -158,6 +158,7 @@ class Swarm:
     # a bad workdir is an error before Ray starts
     self.model = workdirs if isinstance(workdirs, parts.SwarmModel) else parts.load(workdirs, base)
     plan = assign(self.model.layers(), nodes, replicas)
+    self._cluster = address is not None  # nodes spread over the cluster's hosts
     self.ray, self._started_ray = start_ray(address, f"lsvit-swarm-{name}")
     try:
       self._setup(plan, k, hop_timeout, heartbeat, name, base, seed, node_cpus, retries,
@@ -209,8 +210,9 @@ class Swarm:
       with self._id_lock:
         node_id = f"{NODE_PREFIX}{self._next_id}"
         self._next_id += 1
-      handle = self._actor_cls.options(name=node_id, namespace=self.namespace,
-                                       num_cpus=self.node_cpus).remote(
+      handle = self._actor_cls.options(
+          name=node_id, namespace=self.namespace, num_cpus=self.node_cpus,
+          scheduling_strategy="SPREAD" if self._cluster else "DEFAULT").remote(
           node_id, self.model.spec,
           {l: self.model.layer_params(*l) for l in layers}, delay=delay)
       self.transport.handles[node_id] = handle

@@ -27,6 +27,7 @@ def _common(ap):
   ap.add_argument("--address", help="a Ray cluster's head HOST:PORT (default: Ray on this "
                                     "machine, on loopback)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--name", default="lsvit", help="the swarm's name (nodes join it by name)")
 
 
 def _positive(text: str) -> int:
@@ -102,7 +103,7 @@ def serve(args) -> int:
   model = parts.load(args.workdir)
   images, labels = bench.eval_split(args.workdir[0])
   with Swarm(model, args.nodes, replicas=args.replicas, address=args.address,
-             seed=args.seed) as s:
+             seed=args.seed, name=args.name) as s:
     print(f"swarm of {args.nodes} nodes up; serving the eval split of {args.workdir[0]} for "
           f"{args.duration:.0f} s", flush=True)
     stop = threading.Event()
@@ -195,6 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.run(args.workdir, args.nodes, args.requests, args.chaos, args.out,
               replicas=args.replicas, concurrency=args.concurrency, seed=args.seed, k=args.k,
               speed_requests=args.speed_requests, address=args.address, batch=args.batch,
+              name=args.name,
               log=functools.partial(print, flush=True))
     return 0
   except (SwarmError, EvalError, checkpoint.CheckpointError, data.DataError, ValueError,

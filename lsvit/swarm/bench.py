@@ -403,7 +403,8 @@ def plot(result: dict, records: List[dict], path: str) -> str:
   ax2.set_xlabel("time (s)")
   ax2.set_ylabel("request latency (ms)")
   ax2.set_title("latency over time, fault events marked")
-  ax2.legend(fontsize=8)
+  if seen:
+    ax2.legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=120)
@@ -415,7 +416,7 @@ def plot(result: dict, records: List[dict], path: str) -> str:
 def run(workdirs: Sequence[str], nodes: int, requests: int, chaos: str, out: str, *,
         replicas: int = 1, concurrency: int = 4, seed: int = 0, k: Optional[Sequence[int]] = None,
         speed_requests: int = 0, offline_seeds: int = 3, address: Optional[str] = None,
-        batch: int = 1, log=print) -> dict:
+        batch: int = 1, name: str = "lsvit", log=print) -> dict:
   from lsvit import checkpoint
   from lsvit.swarm import Swarm
   checkpoint.refuse_existing(out)
@@ -426,7 +427,7 @@ def run(workdirs: Sequence[str], nodes: int, requests: int, chaos: str, out: str
             "requests": requests, "batch": batch, "concurrency": concurrency, "chaos_spec": chaos,
             "k": list(k) if k else None, "seed": seed}
   t0 = time.perf_counter()
-  with Swarm(model, nodes, replicas=replicas, seed=seed, address=address) as s:
+  with Swarm(model, nodes, replicas=replicas, seed=seed, address=address, name=name) as s:
     log(f"swarm up in {time.perf_counter() - t0:.1f} s: {nodes} nodes, "
         f"{len(s.model.layers())} layers x {replicas}")
     if speed_requests:

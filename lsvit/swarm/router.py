@@ -110,7 +110,7 @@ class Router:
   """
 
   def __init__(self, transport: Transport, *, hop_timeout: Optional[float] = None,
-               timeout_factor: float = 3.0, min_timeout: float = 0.02,
+               timeout_factor: float = 5.0, min_timeout: float = 0.02,
                first_timeout: float = 30.0, retries: int = 2, ban_base: float = 1.0,
                ban_max: float = 60.0, clock: Callable[[], float] = time.monotonic):
     self.transport = transport
