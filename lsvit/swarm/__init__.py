@@ -132,6 +132,7 @@ def assign(layers: Sequence[tuple], nodes: int, replicas: int) -> List[List[tupl
                      f"({len(layers)} layers x {replicas} replicas): use fewer nodes or more "
                      f"replicas")
   out = [[] for _ in range(nodes)]
+  layers = sorted(layers, key=lambda rl: (rl[1], rl[0]))  # runs' copies of a slot: other nodes
   for rep in range(replicas):
     for i, layer in enumerate(layers):
       out[(i + rep * max(1, nodes // replicas)) % nodes].append(layer)

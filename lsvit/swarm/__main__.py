@@ -181,7 +181,8 @@ def _fail(msg: str) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
   args = parser().parse_args(argv)
-  from lsvit import checkpoint, data
+  from lsvit import checkpoint, data, train_lib
+  train_lib.quiet_logs()
   from lsvit.evaluators import EvalError
   from lsvit.swarm import SwarmError
   try:

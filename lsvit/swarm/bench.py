@@ -263,7 +263,9 @@ def compare(swarm_acc: Dict[int, dict], curve: Dict[int, dict], merged: bool, de
   curve's spread over seeds); also said: within 2 binomial standard errors of the swarm's."""
   rows = []
   for k, s in swarm_acc.items():
-    ref = curve.get(-k if merged and k == depth else k)
+    if merged and k != depth:
+      continue  # offline, merged models are evaluated at full depth only (--mode merge)
+    ref = curve.get(-k if merged else k)
     if ref is None:
       continue
     tol = max(0.02, ref["spread"])
