@@ -281,8 +281,11 @@ def test_layerdrop_zero_equals_baseline(digits_batch):
   base, lb, _, _ = _train("baseline", digits_batch, steps=5)
   drop, ld, _, _ = _train("layerdrop", digits_batch, steps=5, layerdrop=0.0)
   np.testing.assert_allclose(lb, ld, rtol=1e-6)
+  # 1e-5, not 1e-6: Adam divides by sqrt(v) + eps, so parameters whose gradients are ~0 move by
+  # amounts that float rounding in the two programs (a cond per layer or none) can change by
+  # ~1e-6 on some CPUs (seen on this machine with the code before and after 2026-12-02)
   for a, b in zip(jax.tree.leaves(base["params"]), jax.tree.leaves(drop["params"])):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_layerdrop_skips_layers():

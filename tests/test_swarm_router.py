@@ -31,6 +31,9 @@ class FakeTransport(R.Transport):
     with self.lock:
       self.calls.append((node, layer, position))
       mode = self.modes.get(node, "ok")
+      if mode == "late_once":  # late the first time, then in time
+        self.modes[node] = "ok"
+        mode = "timeout"
       if mode == "flaky":
         u = self.rng.random()
         mode = ("timeout" if u < self.p_fault / 2 else "error" if u < self.p_fault else "ok")
@@ -157,6 +160,15 @@ def test_every_node_banned_still_serves_dead_ones_do_not():
     r.run(np.float64(0.0), np.random.default_rng(0))
 
 
+def test_a_request_whose_every_hop_was_late_goes_again_through_the_banned_nodes():
+  r, t, _ = make({"a": [(0, 0)], "b": [(0, 1)]})
+  t.modes.update(a="late_once", b="late_once")
+  _, done, skipped, hops = r.run(np.float64(0.0), np.random.default_rng(0))
+  assert sorted(done) == [(0, 0), (0, 1)] and not skipped
+  assert [h.outcome for h in hops] == ["timeout", "timeout", "ok", "ok"]
+  assert [h.position for h in hops if h.outcome == "ok"] == [0, 1]
+
+
 def test_no_layer_alive_is_an_error_not_an_answer():
   r, t, _ = make({"a": [(0, 0), (0, 1)]})
   r.remove("a")
@@ -244,3 +256,20 @@ def test_every_request_answered_exactly_once_under_seeded_faults():
   assert all(a[0][1] and a[0][2] for a in answers.values())
   assert sum(a[0][0] == "ok" for a in answers.values()) >= 150  # the rest: all nodes banned
   assert any(c[0] == "late" for c in t.calls)
+
+
+def test_layers_dealt_to_nodes():
+  from lsvit.swarm import assign
+  layers = [(r, l) for r in range(3) for l in range(12)]
+  nodes = assign(layers, 6, 1)
+  assert sorted(l for n in nodes for l in n) == sorted(layers)
+  for n in nodes:  # a node holds each slot at most once: a dead node takes no slot whole
+    assert len({l for _, l in n}) == len(n)
+  nodes = assign([(0, l) for l in range(12)], 6, 2)
+  for l in range(12):
+    holders = [i for i, n in enumerate(nodes) if (0, l) in n]
+    assert len(holders) == 2  # two copies, on two nodes
+  with pytest.raises(R.SwarmError, match="replicas=3: choose 1 to 2"):
+    assign([(0, 0), (0, 1)], 2, 3)
+  with pytest.raises(R.SwarmError, match="5 nodes but only 4 layer copies"):
+    assign([(0, l) for l in range(4)], 5, 1)

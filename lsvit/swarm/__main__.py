@@ -117,10 +117,14 @@ def serve(args) -> int:
           r = s.classify(images[i % len(images)][None])
           counts["served"] += 1
           counts["correct"] += int(r.logits.argmax() == labels[i % len(images)])
-          if i < args.concurrency or counts["served"] % 500 == 0:
+          failed = [h for h in r.hops if h.outcome != "ok"]
+          if i < args.concurrency or counts["served"] % 500 == 0 or failed:
             print(f"request {i}: label {labels[i % len(images)]}, predicted "
                   f"{int(r.logits.argmax())}, route {[l for _, l in r.route]}"
-                  + (f", skipped {r.skipped}" if r.skipped else ""), flush=True)
+                  + "".join(f"; {h.node} {h.outcome} at hop {h.position} (layer {h.layer[1]})"
+                            for h in failed)
+                  + (f", skipped layers {[l for _, l in r.skipped]}" if r.skipped else ""),
+                  flush=True)
         except NoLayersAlive as e:
           counts["errors"] += 1
           print(f"request {i}: {e}", flush=True)

@@ -428,12 +428,17 @@ def run(workdirs: Sequence[str], nodes: int, requests: int, chaos: str, out: str
   result = {"workdirs": list(workdirs), "nodes": nodes, "replicas": replicas,
             "requests": requests, "batch": batch, "concurrency": concurrency, "chaos_spec": chaos,
             "k": list(k) if k else None, "seed": seed}
-  t0 = time.perf_counter()
-  with Swarm(model, nodes, replicas=replicas, seed=seed, address=address, name=name) as s:
+  def start():
+    t0 = time.perf_counter()
+    s = Swarm(model, nodes, replicas=replicas, seed=seed, address=address, name=name)
     log(f"swarm up in {time.perf_counter() - t0:.1f} s: {nodes} nodes, "
         f"{len(s.model.layers())} layers x {replicas}")
-    if speed_requests:
+    return s
+
+  if speed_requests:  # a swarm of its own: the slow node's bans must not reach the chaos run
+    with start() as s:
       result["speed"] = speed(s, images, speed_requests, log)
+  with start() as s:
     chaos_ctl = Chaos(s, events, requests, seed, log)
     progress = _Progress(requests, log)
 

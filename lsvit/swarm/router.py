@@ -216,10 +216,11 @@ class Router:
       typical = [n.typical for n in self._nodes.values() if n.typical > 0 and n.usable(now)]
     return float(np.median(typical)) if typical else 0.0
 
-  def draw(self, rng: np.random.Generator, k: Optional[int] = None) -> List[int]:
+  def draw(self, rng: np.random.Generator, k: Optional[int] = None,
+           banned: bool = False) -> List[int]:
     """A fresh random order over the layer slots that have a usable node (``k`` of them); when
-    every node is banned, over theirs (as Petals: late nodes are better than none)."""
-    slots = sorted(self.live_slots()) or sorted(self.live_slots(banned=True))
+    every node is banned (or ``banned``), over theirs too (Petals: late nodes beat none)."""
+    slots = sorted(self.live_slots(banned)) or sorted(self.live_slots(banned=True))
     if not slots:
       raise NoLayersAlive("no layer of the model is alive: every node is dead, banned or still "
                           "joining; add nodes (Swarm.add_nodes) or wait for banned ones to return")
@@ -238,6 +239,16 @@ class Router:
       plan = [(l, None) for l in (order if order is not None else self.draw(rng, k))]
     done, skipped, hops = [], [], []
     fallback = not self.live_slots()  # every node banned: this request tries the banned ones
+    x, done, skipped = self._pass(plan, x, rng, fallback, emb_for, hops)
+    if not done and not fallback and self.live_slots(banned=True) and route is None:
+      # every hop failed while others were banned (a burst of load): the banned nodes are late,
+      # not dead, and an answer through them beats none
+      plan = [(l, None) for l in self.draw(rng, k, banned=True)]
+      x, done, skipped = self._pass(plan, x, rng, True, emb_for, hops)
+    return x, done, skipped, hops
+
+  def _pass(self, plan, x, rng, fallback, emb_for, hops):
+    done, skipped = [], []
     for slot, wanted in plan:
       position = len(done)
       emb = emb_for(position) if emb_for else None
@@ -270,7 +281,7 @@ class Router:
           break
       else:
         skipped.append(tuple(wanted or tried or self._any_copy(slot)))
-    return x, done, skipped, hops
+    return x, done, skipped
 
   def _any_copy(self, slot: int) -> Layer:
     with self._lock:
