@@ -108,6 +108,10 @@ def test_bad_input(swarm):
     swarm.classify(np.zeros((2, 16, 16, 1), np.float32))
   with pytest.raises(SwarmError, match=r"not a layer of this swarm"):
     swarm.classify(_images(1), route=[(0, 7)])
+  with pytest.raises(ValueError, match=r"duplicate entries \[1\]"):
+    swarm.classify(_images(1), order=[1, 0, 1])
+  with pytest.raises(SwarmError, match=r"k=0"):
+    swarm.classify(_images(1), k=0)
   info = {"spec": dict(swarm.model.spec, width=48, variant="layershuffle"), "layers": [],
           "digests": {}, "pid": 1, "host": "h"}
   with pytest.raises(SwarmError, match=r"width=48.*variant='layershuffle'.*width=32.*"

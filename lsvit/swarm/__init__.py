@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from lsvit import order as order_lib
 from lsvit.swarm import parts
 from lsvit.swarm.router import (ALIVE, JOINING, Hop, HopFailed, HopTimeout, Node, NodeDead,
                                 NoLayersAlive, Result, Router, SwarmError, Transport)
@@ -162,14 +163,14 @@ class Swarm:
     self._cluster = address is not None  # nodes spread over the cluster's hosts
     self.ray, self._started_ray = start_ray(address, f"lsvit-swarm-{name}")
     try:
-      self._setup(plan, k, hop_timeout, heartbeat, name, base, seed, node_cpus, retries,
-                  ban_base, ban_max, ready_timeout)
+      self._setup(plan, k, hop_timeout, heartbeat, name, seed, node_cpus, retries, ban_base,
+                  ban_max, ready_timeout)
     except BaseException:
       self.close()
       raise
 
-  def _setup(self, plan, k, hop_timeout, heartbeat, name, base, seed, node_cpus, retries,
-             ban_base, ban_max, ready_timeout):
+  def _setup(self, plan, k, hop_timeout, heartbeat, name, seed, node_cpus, retries, ban_base,
+             ban_max, ready_timeout):
     import jax
     from lsvit import model as model_lib
     self.k, self.heartbeat_s, self.seed = k, heartbeat, seed
@@ -180,7 +181,7 @@ class Swarm:
     self._rng_lock = threading.Lock()
     self._count = 0
     vit = self.model.model
-    base_params = jax.tree.map(jax.numpy.asarray, self.model.params[base])
+    base_params = jax.tree.map(jax.numpy.asarray, self.model.params[self.model.base])
     self._embed = jax.jit(lambda x: vit.apply({"params": base_params}, x,
                                               method=model_lib.ViT.embed))
     self._head = jax.jit(lambda x: vit.apply({"params": base_params}, x,
@@ -329,6 +330,11 @@ class Swarm:
     Raises NoLayersAlive when no layer can be reached."""
     images = np.asarray(images)
     self._check_images(images)
+    k = k if k is not None else self.k
+    if k is not None and (isinstance(k, bool) or int(k) != k or k < 1):
+      raise SwarmError(f"k={k!r}: give the number of layers a request runs through (>= 1)")
+    if order is not None:
+      order = order_lib.check_order(order, self.model.depth).tolist()
     if route is not None:
       for run, layer in route:
         if (run, layer) not in self._digests:
@@ -338,8 +344,7 @@ class Swarm:
       rng = np.random.default_rng([self.seed, self._count])
     start = time.perf_counter()
     x = np.asarray(self._embed(images))
-    x, done, skipped, hops = self.router.run(x, rng, order=order, route=route,
-                                             k=k if k is not None else self.k,
+    x, done, skipped, hops = self.router.run(x, rng, order=order, route=route, k=k,
                                              emb_for=self._emb_for)
     if not done:
       raise NoLayersAlive(f"no layer could be reached for this request ({len(hops)} attempts "

@@ -105,8 +105,8 @@ class Router:
   each node's typical time per hop (a moving average of round trips divided by 1 + the hops
   queued before it there; a late hop counts as its deadline) x (1 + the hops queued ahead of
   this one), at least ``min_timeout``: a node busy with other requests gets longer, a load that
-  slows every node raises the deadline, one slow node does not; a node's first hop at a new input shape
-  (it compiles) gets ``first_timeout``.
+  slows every node raises the deadline, one slow node does not. A node's first hop at a new
+  input shape (it compiles) gets ``first_timeout``.
   """
 
   def __init__(self, transport: Transport, *, hop_timeout: Optional[float] = None,
