@@ -377,17 +377,20 @@ def plot(result: dict, records: List[dict], path: str) -> str:
   ks = sorted(int(k) for k in acc)
   ax.errorbar(ks, [100 * acc[k]["top1"] for k in ks], yerr=[200 * acc[k]["se"] for k in ks],
               fmt="o", capsize=3, label="swarm (± 2 s.e.)")
+  merged = len(result["workdirs"]) > 1
   curve = {int(k): v for k, v in result["offline_curve"].items() if int(k) > 0}
   ck = sorted(curve)
   ax.errorbar(ck, [100 * curve[k]["top1"] for k in ck],
               yerr=[100 * curve[k]["spread"] for k in ck], fmt="s--", capsize=3,
-              label="offline, evaluate.py --mode prune (arbitrary order)")
-  merged = {int(k): v for k, v in result["offline_curve"].items() if int(k) < 0}
-  for k, v in merged.items():
+              label="offline, evaluate.py --mode prune (arbitrary order"
+              + (", each run alone)" if merged else ")"))
+  merged_points = {int(k): v for k, v in result["offline_curve"].items() if int(k) < 0}
+  for k, v in merged_points.items():
     ax.plot([-k], [100 * v["top1"]], "D", label="offline, --mode merge")
   for k in ks:
     ax.annotate(str(acc[k]["requests"]), (k, 100 * acc[k]["top1"]), fontsize=7,
                 xytext=(3, 3), textcoords="offset points")
+  ax.set_ylim(0, 105)
   ax.set_xlabel("layers the request ran through")
   ax.set_ylabel("top-1 accuracy (%)")
   ax.set_title("accuracy vs layers alive (labels: requests)")
