@@ -38,6 +38,8 @@ def _import_ray(local: bool):
   os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
   if local:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+  elif os.path.exists(os.path.expanduser("~/.ray/auth_token")) or "RAY_AUTH_TOKEN" in os.environ:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # `ray start` turns token auth on
   import ray
   return ray
 
@@ -63,8 +65,13 @@ def start_ray(address: Optional[str] = None, namespace: str = "lsvit", cpus: Opt
     return ray, False
   if address is not None:
     _check_reachable(address)
-    ray.init(address=address, namespace=namespace, log_to_driver=False,
-             logging_level=logging.ERROR)
+    try:
+      ray.init(address=address, namespace=namespace, log_to_driver=False,
+               logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError) as e:
+      cause = str(e.__cause__ or e).strip().splitlines()[0][:300]
+      raise SwarmError(f"cannot join the Ray cluster at {address}: {cause} (a cluster started "
+                       f"with token auth needs its ~/.ray/auth_token on this host)") from None
     return ray, True
   with warnings.catch_warnings():  # JAX warns of any fork; Ray's forks exec at once
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
