@@ -108,6 +108,7 @@ def serve(args) -> int:
           f"{args.duration:.0f} s", flush=True)
     stop = threading.Event()
     counts = {"served": 0, "errors": 0, "correct": 0}
+    lock = threading.Lock()
     t0 = time.perf_counter()
 
     def worker(w):
@@ -115,8 +116,9 @@ def serve(args) -> int:
       while not stop.is_set():
         try:
           r = s.classify(images[i % len(images)][None])
-          counts["served"] += 1
-          counts["correct"] += int(r.logits.argmax() == labels[i % len(images)])
+          with lock:  # workers share the counts
+            counts["served"] += 1
+            counts["correct"] += int(r.logits.argmax() == labels[i % len(images)])
           failed = [h for h in r.hops if h.outcome != "ok"]
           if i < args.concurrency or counts["served"] % 500 == 0 or failed:
             print(f"request {i}: label {labels[i % len(images)]}, predicted "
@@ -126,7 +128,8 @@ def serve(args) -> int:
                   + (f", skipped layers {[l for _, l in r.skipped]}" if r.skipped else ""),
                   flush=True)
         except NoLayersAlive as e:
-          counts["errors"] += 1
+          with lock:
+            counts["errors"] += 1
           print(f"request {i}: {e}", flush=True)
           time.sleep(0.5)
         i += args.concurrency
