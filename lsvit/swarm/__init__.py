@@ -229,7 +229,7 @@ class Swarm:
       pending.append((node_id, handle, handle.info.remote()))
     ids = []
     for node_id, handle, ref in pending:
-      self._admit(node_id, self._wait_info(node_id, ref), handle)
+      self._admit(node_id, self._wait(node_id, ref), handle)
       ids.append(node_id)
     return ids
 
@@ -238,10 +238,10 @@ class Swarm:
     request does not wait for a compilation."""
     run, layer = info["layers"][0]
     x = np.zeros(self._warm_shape, np.float32)
-    self._wait_info(node_id, handle.run.remote(run, layer, x.tobytes(), x.shape, 0,
+    self._wait(node_id, handle.run.remote(run, layer, x.tobytes(), x.shape, 0,
                                                self._emb_for(0) if self._emb_for else None))
 
-  def _wait_info(self, node_id, ref) -> dict:
+  def _wait(self, node_id, ref) -> dict:
     ready, _ = self.ray.wait([ref], timeout=self.ready_timeout)
     if not ready:
       raise SwarmError(f"node {node_id} did not start within {self.ready_timeout:.0f} s")
@@ -315,7 +315,7 @@ class Swarm:
       handle = self.ray.get_actor(name, namespace=self.namespace)
       self.transport.handles[name] = handle
       try:
-        self._admit(name, self._wait_info(name, handle.info.remote()), handle, JOINING)
+        self._admit(name, self._wait(name, handle.info.remote()), handle, JOINING)
       except SwarmError as e:
         logging.getLogger("lsvit.swarm").warning("refused: %s", e)
         self.transport.handles.pop(name, None)

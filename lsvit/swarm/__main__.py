@@ -10,6 +10,8 @@ import sys
 import time
 from typing import List, Optional
 
+from lsvit.cli import positive
+
 USAGE = """Serve a LayerShuffle model as a swarm of layer-nodes on Ray.
 
   python -m lsvit.swarm serve --workdir runs/digits_layershuffle_seed0 --nodes 4 --duration 30
@@ -22,22 +24,12 @@ USAGE = """Serve a LayerShuffle model as a swarm of layer-nodes on Ray.
 def _common(ap):
   ap.add_argument("--workdir", nargs="+", required=True,
                   help="training workdirs or converted checkpoints (several: a merged swarm)")
-  ap.add_argument("--nodes", type=_positive, default=4, help="layer-nodes to start")
-  ap.add_argument("--replicas", type=_positive, default=1, help="copies of every layer")
+  ap.add_argument("--nodes", type=positive, default=4, help="layer-nodes to start")
+  ap.add_argument("--replicas", type=positive, default=1, help="copies of every layer")
   ap.add_argument("--address", help="a Ray cluster's head HOST:PORT (default: Ray on this "
                                     "machine, on loopback)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--name", default="lsvit", help="the swarm's name (nodes join it by name)")
-
-
-def _positive(text: str) -> int:
-  try:
-    v = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-  if v < 1:
-    raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-  return v
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,18 +45,18 @@ def parser() -> argparse.ArgumentParser:
   s = sub.add_parser("serve", help="start a swarm, send it the eval split, show its nodes live")
   _common(s)
   s.add_argument("--duration", type=float, default=60.0, help="seconds to serve, then stop")
-  s.add_argument("--concurrency", type=_positive, default=2, help="requests in flight")
+  s.add_argument("--concurrency", type=positive, default=2, help="requests in flight")
   s.add_argument("--kill", default="", help="demo: SIGKILL nodes, N@SECONDS (e.g. 1@5)")
   s.add_argument("--every", type=float, default=2.0, help="seconds between tables")
   b = sub.add_parser("bench", help="a chaos run checked against the offline model, and speed")
   _common(b)
-  b.add_argument("--requests", type=_positive, default=2000)
+  b.add_argument("--requests", type=positive, default=2000)
   b.add_argument("--chaos", default="kill=0.34,stop=1:3,add=2",
                  help="kill=F (fraction or count), stop=N:SECONDS, add=N, slow=N:FACTOR")
   b.add_argument("--out", required=True, help="new directory for swarm.json and swarm.png")
-  b.add_argument("--concurrency", type=_positive, default=4)
-  b.add_argument("--k", type=_positive, nargs="+", help="layers per request, cycled")
-  b.add_argument("--batch", type=_positive, default=1, help="images per request")
+  b.add_argument("--concurrency", type=positive, default=4)
+  b.add_argument("--k", type=positive, nargs="+", help="layers per request, cycled")
+  b.add_argument("--batch", type=positive, default=1, help="images per request")
   b.add_argument("--speed_requests", type=int, default=300,
                  help="requests per speed measurement (0: none)")
   j = sub.add_parser("join", help="start a node on this host for a swarm running elsewhere")

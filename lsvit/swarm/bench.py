@@ -201,9 +201,7 @@ def offline_replay(model, images, records) -> dict:
   """Each answered request re-run offline in one process on exactly its route (same layers of
   the same runs, same order): predictions agree, and the largest logit difference."""
   import jax
-  from lsvit import model as model_lib
-  vit = model_lib.build(dict(model.model_cfgs[model.base], impl="gather"))
-  apply = jax.jit(lambda p, x, order: vit.apply({"params": p}, x, order=order)["logits"])
+  apply = model.one_process()
   merged = len(model.sources) > 1
   single = jax.tree.map(jax.numpy.asarray, model.params[model.base])
   agree, worst, n = 0, 0.0, 0
@@ -288,7 +286,6 @@ def speed(swarm, images, requests: int, log=print) -> dict:
   """Side by side in one run, loopback: per-hop overhead, request latency vs one process,
   throughput 8 concurrent vs 1, a 10x slow node with and without deadlines, Ray's floor."""
   import jax
-  from lsvit import model as model_lib
   model = swarm.model
   labels = np.zeros(len(images), np.int64)
   out = {}
@@ -299,16 +296,17 @@ def speed(swarm, images, requests: int, log=print) -> dict:
   out["hop_compute_s"] = percentiles([h[3] for h in hops])
   out["request_s"] = percentiles([r["seconds"] for r in one])
   # the same model, same order lengths, in one process
-  vit = model_lib.build(dict(model.model_cfgs[model.base], impl="gather"))
   params = jax.tree.map(jax.numpy.asarray, model.params[model.base])
-  apply = jax.jit(lambda x, order: vit.apply({"params": params}, x, order=order)["logits"])
+  one_process = model.one_process()
+  apply = lambda x, order: one_process(params, x, order)
   rng = np.random.default_rng(0)
   order = rng.permutation(model.depth).astype(np.int32)
   apply(images[:1], order).block_until_ready()
   local = []
   for i in range(requests):
     t = time.perf_counter()
-    apply(images[i % len(images)][None], rng.permutation(model.depth).astype(np.int32))
+    apply(images[i % len(images)][None],
+          rng.permutation(model.depth).astype(np.int32)).block_until_ready()
     local.append(time.perf_counter() - t)
   out["one_process_request_s"] = percentiles(local)
   out["latency_ratio_p50"] = out["request_s"]["p50"] / out["one_process_request_s"]["p50"]

@@ -5,6 +5,7 @@ one: every layer from its own run, everything outside the blocks from run ``base
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Dict, List, Sequence
 
@@ -65,7 +66,7 @@ class SwarmModel:
   params: List[Any]
   base: int = 0
 
-  @property
+  @functools.cached_property
   def spec(self) -> dict:
     return spec_of(self.model_cfgs[self.base])
 
@@ -97,7 +98,17 @@ class SwarmModel:
     sources = np.full(self.depth, self.base, np.int32)
     for run, layer in route:
       sources[layer] = run
-    return evaluators.merge_params(evaluators.stack_params(self.params), sources, self.base)
+    return evaluators.merge_params(self._stacked, sources, self.base)
+
+  @functools.cached_property
+  def _stacked(self):  # the runs stacked once, not per merged model
+    return evaluators.stack_params(self.params)
+
+  def one_process(self):
+    """``apply(params, images, order) -> logits``: the model in one process (jitted), the
+    reference the swarm's answers are checked and timed against."""
+    vit = model_lib.build(dict(self.model_cfgs[self.base], impl="gather"))
+    return jax.jit(lambda p, x, order: vit.apply({"params": p}, x, order=order)["logits"])
 
 
 def load(sources: Sequence[str], base: int = 0) -> SwarmModel:
